@@ -1,0 +1,43 @@
+# Make targets for the MNIST pipeline. `make help` lists them.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+HOST ?= 127.0.0.1
+PORT ?= 5000
+
+.PHONY: help install repro test test-all lint ui serve bench clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## Create .venv with every pinned dependency (quick when already done)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+repro: install ## Run the pipeline (dvc repro); set MNIST_MIRROR=../shared/mnist offline
+	dvc repro
+
+test: install ## Run the test suite (not the slow tests)
+	$(PY) -m pytest -m "not slow"
+
+test-all: install ## Run every test, the slow accuracy tests included
+	$(PY) -m pytest
+
+lint: install ## Check style with ruff
+	$(VENV)/bin/ruff check src stages tests bench
+
+ui: install ## Open the MLflow UI on the local store (http://127.0.0.1:5000)
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
+		--default-artifact-root $(CURDIR)/mlruns/artifacts --host $(HOST) --port $(PORT)
+
+bench: install ## Benchmark the training path against the reference loop (1 epoch, CPU)
+	$(PY) bench/train_speed.py --device cpu --epochs 1
+
+clean: ## Remove the virtual environment and caches (not data or runs)
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,70 @@
+"""The reference CNN (from the blog post this project reproduces) and its deployable wrapper.
+
+`MnistCNN` maps normalised images (B, 1, 28, 28) to logits (B, 10) for any batch size.
+`DeployableModel` wraps it with the training statistics and a softmax, so that a served model
+takes raw pixels in [0, 1] (as torchvision's ToTensor gives them) and returns probabilities.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class CNNConfig:
+    """Layer widths of the reference model; the defaults are the reference's."""
+
+    channels: tuple[int, int, int] = (16, 32, 64)
+    hidden: tuple[int, int] = (128, 64)
+    num_classes: int = 10
+    image_size: int = 28
+
+
+def _conv_block(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+
+class MnistCNN(nn.Module):
+    """Conv-BN-ReLU x3 with two max-pools, then Linear-BN-ReLU x2 and a linear classifier."""
+
+    def __init__(self, config: CNNConfig = CNNConfig()) -> None:
+        super().__init__()
+        c1, c2, c3 = config.channels
+        h1, h2 = config.hidden
+        self.features = nn.Sequential(
+            *_conv_block(1, c1),  # (B, 16, 28, 28)
+            *_conv_block(c1, c2),  # (B, 32, 28, 28)
+            nn.MaxPool2d(2, 2),  # (B, 32, 14, 14)
+            *_conv_block(c2, c3),  # (B, 64, 14, 14)
+            nn.MaxPool2d(2, 2),  # (B, 64, 7, 7)
+        )
+        flat = c3 * (config.image_size // 4) ** 2  # 3136 for the reference
+        self.classifier = nn.Sequential(
+            nn.Linear(flat, h1), nn.BatchNorm1d(h1), nn.ReLU(),
+            nn.Linear(h1, h2), nn.BatchNorm1d(h2), nn.ReLU(),
+            nn.Linear(h2, config.num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # flatten(1) instead of the reference's view(batch_size, -1): any batch size works
+        return self.classifier(self.features(x).flatten(1))  # (B, 10) logits
+
+
+class DeployableModel(nn.Module):
+    """Raw pixels in [0, 1] (B, 1, 28, 28) -> class probabilities (B, 10)."""
+
+    def __init__(self, net: nn.Module, mean: float, std: float) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.net((x - self.mean) / self.std), dim=1)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,173 @@
+"""Strict, typed loading of `params.yaml`: one frozen dataclass per section.
+
+An unknown key, a missing section, a wrong type or a value out of range raises `ParamsError`
+naming the key and what is allowed, before any work. Numbers written as YAML 1.2 floats
+(`1e-4`, which PyYAML reads as a string, as `dvc exp run -S` writes them) are accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, get_type_hints
+
+import yaml
+
+from .errors import PipelineError
+
+
+class ParamsError(PipelineError):
+    """A params.yaml value that cannot be used."""
+
+
+def _num(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
+    return {"lo": lo, "hi": hi, "lo_open": lo_open}
+
+
+def _choice(*choices: str) -> dict:
+    return {"choices": choices}
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """The `train` section: model, recipe, speed options and tracking names."""
+
+    experiment_name: str = "mnist-cnn"
+    registered_model: str = "mnist-cnn"
+    seed: int = field(default=0, metadata=_num(0, 2**31 - 1))
+    epochs: int = field(default=20, metadata=_num(1, 1000))
+    batch_size: int = field(default=100, metadata=_num(2, 60000))
+    lr: float = field(default=0.001, metadata=_num(0, 10, lo_open=True))
+    optimizer: str = field(default="adam", metadata=_choice("adam", "adamw", "sgd"))
+    weight_decay: float = field(default=0.0, metadata=_num(0, 1))
+    scheduler: str = field(default="plateau", metadata=_choice("plateau", "none"))
+    # Which loss drives ReduceLROnPlateau: the reference steps it on the last batch's loss.
+    plateau_loss: str = field(default="last_batch", metadata=_choice("last_batch", "epoch_mean"))
+    plateau_factor: float = field(default=0.1, metadata=_num(0, 1, lo_open=True))
+    plateau_threshold: float = field(default=0.1, metadata=_num(0, 1))
+    plateau_patience: int = field(default=1, metadata=_num(0, 100))
+    # Use only the first N training images (0 = all); for smoke tests.
+    train_subset: int = field(default=0, metadata=_num(0, 60000))
+    # Speed options (off by default where they change numerics).
+    amp: str = field(default="none", metadata=_choice("none", "bf16"))
+    channels_last: bool = False
+    compile: bool = False
+    fused_optimizer: bool = False
+    eval_batch_size: int = field(default=1000, metadata=_num(1, 10000))
+    cuda_deterministic: bool = True
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    """The `evaluate` section."""
+
+    batch_size: int = field(default=1000, metadata=_num(1, 10000))
+    misclassified_max: int = field(default=100, metadata=_num(0, 10000))
+
+
+@dataclass(frozen=True)
+class PromoteParams:
+    """The `promote` section, read by `mnist-pipeline promote`."""
+
+    alias: str = "champion"
+    min_accuracy: float = field(default=0.995, metadata=_num(0, 1))
+
+
+SECTIONS: dict[str, type] = {
+    "train": TrainParams,
+    "evaluate": EvaluateParams,
+    "promote": PromoteParams,
+}
+
+T = TypeVar("T")
+_FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _describe(meta: dict, kind: str) -> str:
+    if "choices" in meta:
+        return "one of " + ", ".join(repr(c) for c in meta["choices"])
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is None and hi is None:
+        return kind
+    left = f"> {lo}" if meta.get("lo_open") else f">= {lo}"
+    return f"{kind} {left} and <= {hi}"
+
+
+def _coerce(key: str, value: Any, kind: type, meta: dict) -> Any:
+    """Return `value` as `kind`, or raise ParamsError naming `key`."""
+    name = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[kind]
+    expected = _describe(meta, name)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"params: {key}: expected true or false, got {value!r}")
+        return value
+    if kind is str:
+        if not isinstance(value, str) or not value:
+            raise ParamsError(f"params: {key}: expected {expected}, got {value!r}")
+        if "choices" in meta and value not in meta["choices"]:
+            raise ParamsError(f"params: {key}: expected {expected}, got {value!r}")
+        return value
+    if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ParamsError(f"params: {key}: expected {expected}, got {value!r}")
+    if kind is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ParamsError(f"params: {key}: expected {expected}, got {value!r}")
+        value = int(value)
+    else:
+        value = float(value)
+        if not math.isfinite(value):
+            raise ParamsError(f"params: {key}: expected {expected}, got {value!r}")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    too_low = lo is not None and (value <= lo if meta.get("lo_open") else value < lo)
+    if too_low or (hi is not None and value > hi):
+        raise ParamsError(f"params: {key}: expected {expected}, got {value!r}")
+    return value
+
+
+def parse_section(section: str, raw: Any, cls: type[T]) -> T:
+    """Build the frozen dataclass `cls` from the mapping `raw`, strictly."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"params: {section}: expected a mapping of keys, got {raw!r}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ParamsError(
+            f"params: {section}.{unknown[0]}: unknown key; allowed keys: {', '.join(fields)}"
+        )
+    values = {
+        name: _coerce(f"{section}.{name}", raw[name], hints[name], dict(fields[name].metadata))
+        for name in fields
+        if name in raw
+    }
+    return cls(**values)
+
+
+def load_params(path: str | Path, section: str) -> Any:
+    """Load and validate one section of a params file (the whole file must parse)."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ParamsError(f"params: {path} not found") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"params: {path} is not valid YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ParamsError(f"params: {path} must be a mapping of sections")
+    unknown = sorted(set(doc) - set(SECTIONS))
+    if unknown:
+        raise ParamsError(
+            f"params: {unknown[0]}: unknown section; allowed sections: {', '.join(SECTIONS)}"
+        )
+    if section not in doc:
+        raise ParamsError(f"params: section {section!r} is missing from {path}")
+    return parse_section(section, doc[section], SECTIONS[section])
+
+
+def to_dict(params: Any) -> dict[str, Any]:
+    return dataclasses.asdict(params)

@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny IDX files, the real MNIST mirror, and a temporary copy of the project."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mnist_pipeline.idx import encode_idx, parse_idx
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+# What a copy of the project needs to run its pipeline.
+PROJECT_FILES = ("dvc.yaml", "params.yaml", "stages", "src", ".dvc/config", ".dvcignore",
+                 ".gitignore", "pyproject.toml", "mlruns/.gitkeep")
+
+
+def mnist_mirror() -> Path:
+    """The local MNIST mirror: $MNIST_MIRROR, else ../shared/mnist beside the repository."""
+    path = Path(os.environ.get("MNIST_MIRROR") or ROOT.parent / "shared" / "mnist").resolve()
+    if not (path / "train-images-idx3-ubyte.gz").is_file():
+        pytest.fail(f"real MNIST not found at {path}: set MNIST_MIRROR to the shared mirror")
+    return path
+
+
+def load_real(split: str = "t10k", n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Images (uint8) and labels of the real MNIST `split` ('train' or 't10k')."""
+    mirror = mnist_mirror()
+    images = parse_idx(gzip.decompress((mirror / f"{split}-images-idx3-ubyte.gz").read_bytes()))
+    labels = parse_idx(gzip.decompress((mirror / f"{split}-labels-idx1-ubyte.gz").read_bytes()))
+    return images[:n], labels[:n].astype(np.int64)
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> Path:
+    data = encode_idx(array)
+    path.write_bytes(gzip.compress(data, mtime=0) if compress else data)
+    return path
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment for a pipeline subprocess: this venv first, no outside tracking store."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "DVC_", "MNIST_"))}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["MNIST_PUBLIC_MIRRORS"] = "0"
+    env["GIT_AUTHOR_NAME"] = env["GIT_COMMITTER_NAME"] = "test"
+    env["GIT_AUTHOR_EMAIL"] = env["GIT_COMMITTER_EMAIL"] = "test@example.com"
+    env.update(extra)
+    return env
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str], check: bool = True,
+        timeout: float = 900) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and done.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {done.returncode}\n--- stdout\n{done.stdout[-4000:]}"
+            f"\n--- stderr\n{done.stderr[-4000:]}")
+    return done
+
+
+def copy_project(dest: Path, env: dict[str, str]) -> Path:
+    """A fresh git repository holding the project's pipeline files, committed."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            shutil.copy2(src, target)
+    run(["git", "init", "-q", "-b", "main"], dest, env)
+    run(["git", "add", "-A"], dest, env)
+    run(["git", "commit", "-q", "-m", "project"], dest, env)
+    return dest

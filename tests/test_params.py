@@ -1,0 +1,102 @@
+"""params.yaml is validated strictly, naming the key at fault."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from mnist_pipeline.params import (
+    SECTIONS,
+    EvaluateParams,
+    ParamsError,
+    PromoteParams,
+    TrainParams,
+    load_params,
+    parse_section,
+)
+
+from .conftest import ROOT
+
+
+def test_repository_params_load_and_match_the_reference_recipe():
+    train = load_params(ROOT / "params.yaml", "train")
+    assert (train.epochs, train.batch_size, train.lr, train.optimizer) == (20, 100, 0.001, "adam")
+    assert train.scheduler == "plateau"
+    assert (train.plateau_threshold, train.plateau_patience) == (0.1, 1)
+    assert train.plateau_loss == "last_batch" and train.amp == "none"
+    assert isinstance(load_params(ROOT / "params.yaml", "evaluate"), EvaluateParams)
+    assert load_params(ROOT / "params.yaml", "promote").min_accuracy == 0.995
+
+
+def test_params_yaml_lists_every_key():
+    doc = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, cls in SECTIONS.items():
+        assert set(doc[section]) == {f.name for f in dataclasses.fields(cls)}, section
+
+
+def test_dvc_style_numbers_are_accepted():
+    # `dvc exp run -S train.lr=1e-4` writes 1e-4, which PyYAML reads as a string
+    assert yaml.safe_load("lr: 1e-4")["lr"] == "1e-4"
+    params = parse_section("train", {"lr": "1e-4", "epochs": 3.0}, TrainParams)
+    assert params.lr == 1e-4 and params.epochs == 3 and isinstance(params.epochs, int)
+
+
+@pytest.mark.parametrize(
+    "raw, fault",
+    [
+        ({"lrr": 0.1}, r"train\.lrr: unknown key; allowed keys: experiment_name"),
+        ({"lr": "fast"}, r"train\.lr: expected a number > 0 and <= 10, got 'fast'"),
+        ({"lr": 0}, r"train\.lr: expected a number > 0"),
+        ({"lr": float("nan")}, r"train\.lr"),
+        ({"epochs": 0}, r"train\.epochs: expected an integer >= 1 and <= 1000, got 0"),
+        ({"epochs": 2.5}, r"train\.epochs: expected an integer"),
+        ({"epochs": True}, r"train\.epochs"),
+        ({"batch_size": 1}, r"train\.batch_size"),
+        ({"optimizer": "rmsprop"}, r"train\.optimizer: expected one of 'adam', 'adamw', 'sgd'"),
+        ({"plateau_loss": "mean"}, r"train\.plateau_loss: expected one of 'last_batch'"),
+        ({"amp": "fp16"}, r"train\.amp"),
+        ({"channels_last": "yes"}, r"train\.channels_last: expected true or false"),
+        ({"experiment_name": ""}, r"train\.experiment_name: expected a string"),
+        ({"experiment_name": 3}, r"train\.experiment_name"),
+    ],
+)
+def test_bad_values_name_the_key(raw, fault):
+    with pytest.raises(ParamsError, match=fault):
+        parse_section("train", raw, TrainParams)
+
+
+def test_other_sections():
+    assert parse_section("promote", {"min_accuracy": "0.9"}, PromoteParams).min_accuracy == 0.9
+    with pytest.raises(ParamsError, match=r"promote\.min_accuracy"):
+        parse_section("promote", {"min_accuracy": 1.5}, PromoteParams)
+    with pytest.raises(ParamsError, match=r"evaluate\.batch_size"):
+        parse_section("evaluate", {"batch_size": -1}, EvaluateParams)
+
+
+@pytest.mark.parametrize(
+    "text, fault",
+    [
+        ("train: {}\nextra: {}\n", "extra: unknown section"),
+        ("evaluate: {}\n", "section 'train' is missing"),
+        ("train: [1, 2]\n", "train: expected a mapping"),
+        ("train: {lr: [\n", "not valid YAML"),
+        ("- a\n", "must be a mapping"),
+    ],
+)
+def test_file_level_errors(tmp_path, text, fault):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ParamsError, match=fault):
+        load_params(path, "train")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "params.yaml", "train")
+
+
+def test_params_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        TrainParams().lr = 1.0  # type: ignore[misc]

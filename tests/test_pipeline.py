@@ -1,0 +1,123 @@
+"""End to end: the real pipeline (dvc repro / dvc exp run) on real MNIST, in a temporary git
+repository with its own MLflow store. One short training run is shared by the tests here."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mnist_pipeline.model import DeployableModel, MnistCNN
+
+from .conftest import clean_env, copy_project, load_real, mnist_mirror, run
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A project copy after `dvc repro compute-stats` (twice) and `dvc exp run` of 1 epoch."""
+    env = clean_env(MNIST_MIRROR=str(mnist_mirror()))
+    repo = copy_project(tmp_path_factory.mktemp("e2e") / "repo", env)
+    log = {"first": run(["dvc", "repro", "compute-stats"], repo, env)}
+    log["second"] = run(["dvc", "repro", "compute-stats"], repo, env)
+    log["status"] = run(["dvc", "status", "compute-stats"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-q", "-m", "data"], repo, env)
+    log["exp"] = run(["dvc", "exp", "run", "-S", "train.epochs=1"], repo, env)
+    return repo, env, log
+
+
+@pytest.fixture(scope="module")
+def client(pipeline):
+    from mlflow import MlflowClient
+
+    repo, _, _ = pipeline
+    return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
+
+
+@pytest.fixture(scope="module")
+def run_info(pipeline):
+    repo, _, _ = pipeline
+    return json.loads((repo / "models" / "run.json").read_text())
+
+
+def test_stats_of_real_mnist(pipeline):
+    repo, _, _ = pipeline
+    stats = json.loads((repo / "metrics" / "stats.json").read_text())
+    assert round(stats["mean"], 4) == 0.1307 and round(stats["std"], 4) == 0.3081
+    assert stats["train"]["images"] == 60000 and stats["test"]["images"] == 10000
+    assert sum(stats["train"]["per_class"].values()) == 60000
+    assert stats["test"]["per_class"]["1"] == 1135
+
+
+def test_second_repro_changes_nothing(pipeline):
+    _, _, log = pipeline
+    assert "Running stage" not in log["second"].stdout
+    assert "didn't change" in log["second"].stdout
+    assert "up to date" in log["status"].stdout
+
+
+def test_metrics_show(pipeline):
+    repo, env, _ = pipeline
+    shown = run(["dvc", "metrics", "show", "--json"], repo, env).stdout
+    assert "test_accuracy" in shown and "0.1306" in shown
+
+
+def test_exp_run_trains_one_epoch(pipeline):
+    repo, _, log = pipeline
+    metrics = json.loads((repo / "metrics" / "train.json").read_text())
+    assert metrics["epochs"] == 1 and metrics["device"] == "cpu"
+    assert metrics["test_accuracy"] >= 0.98
+    history = json.loads((repo / "plots" / "train_history.json").read_text())
+    assert [row["epoch"] for row in history] == [1]
+    assert "Epoch: 1, Loss:" in log["exp"].stdout
+
+
+def test_mlflow_run_is_complete(pipeline, client, run_info):
+    repo, _, _ = pipeline
+    mlrun = client.get_run(run_info["run_id"])
+    assert mlrun.info.status == "FINISHED"
+    assert mlrun.data.params["epochs"] == "1" and mlrun.data.params["lr"] == "0.001"
+    assert float(mlrun.data.params["stats.mean"]) == pytest.approx(0.1307, abs=1e-4)
+    for key in ("train_loss", "lr", "epoch_seconds", "train_accuracy"):
+        points = client.get_metric_history(run_info["run_id"], key)
+        assert [p.step for p in points] == [1], key
+    metrics = json.loads((repo / "metrics" / "train.json").read_text())
+    assert mlrun.data.metrics["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    assert "test_loss" in mlrun.data.metrics
+    tags = mlrun.data.tags
+    assert len(tags["git_commit"]) == 40 and tags["git_dirty"] in {"true", "false"}
+    assert tags["DVC_EXP_NAME"] and len(tags["DVC_EXP_BASELINE_REV"]) == 40
+    assert tags["data_md5.train-images-idx3-ubyte"] == "6bbc9ace898e44ae57da46a324031adb"
+    assert tags["device"] == "cpu" and tags["torch_version"].startswith("2.")
+    # the store is inside the repository, with artifacts beside it
+    assert (repo / "mlruns" / "artifacts").is_dir()
+
+
+def test_registered_version_points_at_the_run(client, run_info):
+    version = client.get_model_version(run_info["registered_model"], str(run_info["version"]))
+    assert version.run_id == run_info["run_id"]
+    assert run_info["registry_uri"] == f"models:/mnist-cnn/{run_info['version']}"
+
+
+@pytest.mark.parametrize("batch", [1, 37])
+def test_registered_model_predicts_like_the_trained_one(pipeline, run_info, batch, monkeypatch):
+    import mlflow
+
+    repo, _, _ = pipeline
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
+    loaded = mlflow.pyfunc.load_model(run_info["registry_uri"])
+    images, _ = load_real("t10k", batch)
+    pixels = images[:, None].astype(np.float32) / 255.0
+    served = loaded.predict(pixels)
+
+    net = MnistCNN()
+    net.load_state_dict(torch.load(repo / "models" / "model.pt", weights_only=True))
+    stats = json.loads((repo / "metrics" / "stats.json").read_text())
+    expected = DeployableModel(net, stats["mean"], stats["std"]).eval()(torch.from_numpy(pixels))
+    assert served.shape == (batch, 10)
+    np.testing.assert_allclose(served, expected.detach().numpy(), atol=1e-5)

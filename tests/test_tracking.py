@@ -1,0 +1,54 @@
+"""Where runs are stored, and the null tracker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mnist_pipeline.tracking import NullTracker, git_state, resolve_tracking, store_root
+
+
+def test_default_store_is_sqlite_in_the_repository(tmp_path):
+    uri, artifacts = resolve_tracking({}, tmp_path)
+    assert uri == f"sqlite:///{tmp_path.resolve()}/mlruns/mlflow.db"
+    assert artifacts == (tmp_path.resolve() / "mlruns" / "artifacts").as_uri()
+
+
+def test_dvc_root_wins_over_a_temporary_copy(tmp_path):
+    # `dvc exp run --temp` runs in a copy but sets DVC_ROOT to the real repository
+    assert store_root({"DVC_ROOT": str(tmp_path)}, "/elsewhere") == tmp_path.resolve()
+
+
+def test_environment_overrides_the_store(tmp_path):
+    assert resolve_tracking({"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}, tmp_path) == (
+        "http://127.0.0.1:5000", None)
+
+
+def test_null_tracker_accepts_everything():
+    tracker = NullTracker()
+    with tracker.run(tags={"a": "b"}) as t:
+        t.log_params({"x": 1})
+        t.log_metrics({"loss": 0.5}, step=1)
+        t.set_tags({"k": "v"})
+        t.log_dict({"a": 1}, "a.json")
+        t.log_artifact(Path(__file__))
+    assert tracker.run_id is None
+
+
+def test_git_state_outside_a_repository(tmp_path):
+    assert git_state(tmp_path) == {}
+
+
+@pytest.mark.parametrize("interrupt, status", [(KeyboardInterrupt, "KILLED"),
+                                               (RuntimeError, "FAILED")])
+def test_run_status_on_errors(tmp_path, interrupt, status):
+    from mlflow import MlflowClient
+
+    from mnist_pipeline.tracking import MlflowTracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = MlflowTracker(uri, "exp", (tmp_path / "artifacts").as_uri())
+    with pytest.raises(interrupt), tracker.run():
+        raise interrupt()
+    assert MlflowClient(uri).get_run(tracker.run_id).info.status == status
