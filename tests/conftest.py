@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import shutil
 import subprocess
@@ -81,3 +82,61 @@ def copy_project(dest: Path, env: dict[str, str]) -> Path:
     run(["git", "add", "-A"], dest, env)
     run(["git", "commit", "-q", "-m", "project"], dest, env)
     return dest
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Poll `url` until it answers 200, failing early if the server process exits."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {timeout} s")
+
+
+# --- One real pipeline run, shared by the end-to-end tests ---------------------------------
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory):
+    """A project copy after `dvc repro compute-stats` (twice) and `dvc exp run` of 1 epoch."""
+    env = clean_env(MNIST_MIRROR=str(mnist_mirror()))
+    repo = copy_project(tmp_path_factory.mktemp("e2e") / "repo", env)
+    log = {"first": run(["dvc", "repro", "compute-stats"], repo, env)}
+    log["second"] = run(["dvc", "repro", "compute-stats"], repo, env)
+    log["status"] = run(["dvc", "status", "compute-stats"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-q", "-m", "data"], repo, env)
+    log["exp"] = run(["dvc", "exp", "run", "-S", "train.epochs=1"], repo, env)
+    return repo, env, log
+
+
+@pytest.fixture(scope="session")
+def client(pipeline):
+    from mlflow import MlflowClient
+
+    repo, _, _ = pipeline
+    return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
+
+
+@pytest.fixture(scope="session")
+def run_info(pipeline):
+    repo, _, _ = pipeline
+    return json.loads((repo / "models" / "run.json").read_text())

@@ -11,37 +11,9 @@ import torch
 
 from mnist_pipeline.model import DeployableModel, MnistCNN
 
-from .conftest import clean_env, copy_project, load_real, mnist_mirror, run
+from .conftest import load_real, run
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    """A project copy after `dvc repro compute-stats` (twice) and `dvc exp run` of 1 epoch."""
-    env = clean_env(MNIST_MIRROR=str(mnist_mirror()))
-    repo = copy_project(tmp_path_factory.mktemp("e2e") / "repo", env)
-    log = {"first": run(["dvc", "repro", "compute-stats"], repo, env)}
-    log["second"] = run(["dvc", "repro", "compute-stats"], repo, env)
-    log["status"] = run(["dvc", "status", "compute-stats"], repo, env)
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-q", "-m", "data"], repo, env)
-    log["exp"] = run(["dvc", "exp", "run", "-S", "train.epochs=1"], repo, env)
-    return repo, env, log
-
-
-@pytest.fixture(scope="module")
-def client(pipeline):
-    from mlflow import MlflowClient
-
-    repo, _, _ = pipeline
-    return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
-
-
-@pytest.fixture(scope="module")
-def run_info(pipeline):
-    repo, _, _ = pipeline
-    return json.loads((repo / "models" / "run.json").read_text())
 
 
 def test_stats_of_real_mnist(pipeline):
@@ -74,6 +46,36 @@ def test_exp_run_trains_one_epoch(pipeline):
     history = json.loads((repo / "plots" / "train_history.json").read_text())
     assert [row["epoch"] for row in history] == [1]
     assert "Epoch: 1, Loss:" in log["exp"].stdout
+
+
+def test_evaluate_outputs_agree_with_mlflow(pipeline, client, run_info):
+    repo, env, _ = pipeline
+    report = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    train = json.loads((repo / "metrics" / "train.json").read_text())
+    # the registered model scores exactly what the trained weights scored
+    assert report["test_accuracy"] == pytest.approx(train["test_accuracy"], abs=1e-4)
+    assert set(report["per_class"]) == {str(d) for d in range(10)}
+    assert sum(r["support"] for r in report["per_class"].values()) == 10000
+    confusion = json.loads((repo / "plots" / "confusion.json").read_text())
+    assert len(confusion) == 10000 and set(confusion[0]) == {"actual", "predicted"}
+    wrong = sum(r["actual"] != r["predicted"] for r in confusion)
+    assert wrong == round((1 - report["test_accuracy"]) * 10000)
+    assert (repo / "plots" / "misclassified.png").read_bytes()[:4] == b"\x89PNG"
+
+    mlrun = client.get_run(run_info["run_id"])
+    assert mlrun.data.metrics["eval_test_accuracy"] == pytest.approx(report["test_accuracy"])
+    assert mlrun.data.metrics["eval_test_f1_3"] == pytest.approx(report["per_class"]["3"]["f1"])
+    artifacts = {a.path for a in client.list_artifacts(run_info["run_id"], "evaluation")}
+    assert {"evaluation/misclassified.png", "evaluation/confusion_matrix.png",
+            "evaluation/report.json"} <= artifacts
+    version = client.get_model_version("mnist-cnn", str(run_info["version"]))
+    assert float(version.tags["test_accuracy"]) == pytest.approx(report["test_accuracy"])
+
+    plots = json.loads(run(["dvc", "plots", "show", "--json"], repo, env).stdout)["data"]
+    assert set(plots) == {"Training loss", "Learning rate", "plots/confusion.json",
+                          "plots/misclassified.png"}
+    diff = run(["dvc", "metrics", "diff", "--json"], repo, env).stdout
+    assert "metrics/evaluate.json" in diff
 
 
 def test_mlflow_run_is_complete(pipeline, client, run_info):

@@ -11,7 +11,7 @@ from mnist_pipeline.io import read_json
 from mnist_pipeline.params import TrainParams
 from mnist_pipeline.tracking import NullTracker
 from mnist_pipeline.train import build_state, fit, select_device, to_tensor
-from mnist_pipeline.workflow import TrainOutputs, run_training
+from mnist_pipeline.train_workflow import TrainOutputs, run_training
 
 from .conftest import load_real, mnist_mirror
 

@@ -54,7 +54,10 @@ def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
             f"{name}: {what}: header says {dims} of {dtype.name}, "
             f"i.e. {expected} bytes, but the file has {len(data)}"
         )
-    array = np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
+    try:
+        array = np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
+    except ValueError:  # e.g. an empty array whose other dimensions overflow numpy's limits
+        raise IdxError(f"{name}: impossible dimensions {dims}") from None
     return array.astype(dtype.newbyteorder("="), copy=False)
 
 

@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
 
-import yaml
-
 from .errors import PipelineError
 
 
@@ -150,6 +148,8 @@ def parse_section(section: str, raw: Any, cls: type[T]) -> T:
 
 def load_params(path: str | Path, section: str) -> Any:
     """Load and validate one section of a params file (the whole file must parse)."""
+    import yaml  # here, not at the top: the benchmark imports TrainParams without PyYAML
+
     path = Path(path)
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))

@@ -7,13 +7,16 @@ without pickle (MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false), with a dynamic batch
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from .errors import PipelineError
 from .model import DeployableModel
 
 INPUT_SHAPE = (-1, 1, 28, 28)
@@ -78,6 +81,178 @@ def log_and_register(
 
 
 def load_pyfunc(uri: str) -> Any:
+    """Load a logged or registered model (any MLflow model URI) for prediction."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
-    return mlflow.pyfunc.load_model(uri)
+    try:
+        return mlflow.pyfunc.load_model(uri)
+    except (MlflowException, OSError) as exc:
+        raise RegistryError(f"cannot load model {uri}: {exc}") from None
+
+
+def tag_version(client: Any, name: str, version: int | str, tags: dict[str, Any]) -> None:
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, str(value))
+
+
+# --- Promotion through aliases --------------------------------------------------------------
+# MLflow keeps no history of alias moves, so each move is also recorded as a registered-model
+# tag `promotion.NNNNNN` (JSON). Tags live in the tracking store, so the history is shared by
+# everyone using the same store or server.
+
+HISTORY_PREFIX = "promotion."
+
+
+class RegistryError(PipelineError):
+    """A registered model, version, run or alias that does not exist, or a refused move."""
+
+
+def _version(client: Any, name: str, version: int | str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException:
+        _registered(client, name)
+        raise RegistryError(f"registered model {name!r} has no version {version}") from None
+
+
+def _registered(client: Any, name: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException:
+        raise RegistryError(f"no registered model named {name!r} in this store") from None
+
+
+def version_for_run(client: Any, name: str, run_id: str) -> Any:
+    """The version of `name` logged by `run_id`."""
+    _registered(client, name)
+    found = [v for v in client.search_model_versions(f"name='{name}'") if v.run_id == run_id]
+    if not found:
+        raise RegistryError(f"run {run_id} registered no version of {name!r}")
+    return max(found, key=lambda v: int(v.version))
+
+
+def champion(client: Any, name: str, alias: str) -> Any | None:
+    """The version that `alias` points to, or None."""
+    from mlflow.exceptions import MlflowException
+
+    _registered(client, name)
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def accuracy_of(client: Any, version: Any) -> float:
+    """The version's test accuracy: its evaluation tag, else its run's test_accuracy metric."""
+    if "test_accuracy" in version.tags:
+        return float(version.tags["test_accuracy"])
+    metrics = client.get_run(version.run_id).data.metrics
+    if "test_accuracy" not in metrics:
+        raise RegistryError(
+            f"version {version.version} of {version.name!r} has no test_accuracy to judge it by"
+        )
+    return float(metrics["test_accuracy"])
+
+
+def history(client: Any, name: str) -> list[dict[str, Any]]:
+    """Every alias move of `name`, oldest first."""
+    tags = _registered(client, name).tags
+    return [json.loads(tags[k]) for k in sorted(tags) if k.startswith(HISTORY_PREFIX)]
+
+
+def _record(client: Any, name: str, entry: dict[str, Any]) -> None:
+    key = f"{HISTORY_PREFIX}{len(history(client, name)) + 1:06d}"
+    client.set_registered_model_tag(name, key, json.dumps(entry, sort_keys=True))
+
+
+def gate(candidate: float, floor: float, current: float | None) -> str | None:
+    """Why a candidate of accuracy `candidate` may not be promoted, or None if it may."""
+    if candidate < floor:
+        return (f"its test accuracy {candidate:.4%} is below the floor {floor:.4%} "
+                "(promote.min_accuracy in params.yaml)")
+    if current is not None and candidate < current:
+        return (f"its test accuracy {candidate:.4%} is below the current champion's "
+                f"{current:.4%}")
+    return None
+
+
+def move_alias(
+    client: Any, name: str, alias: str, version: Any, *, action: str, previous: Any | None,
+    accuracy: float, reason: str, provenance: dict[str, str],
+) -> dict[str, Any]:
+    """Point `alias` at `version`, tag the version, and append the move to the history."""
+    entry = {
+        "action": action, "alias": alias, "version": int(version.version),
+        "previous": int(previous.version) if previous is not None else None,
+        "test_accuracy": accuracy, "reason": reason,
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), **provenance,
+    }
+    client.set_registered_model_alias(name, alias, version.version)
+    for key, value in entry.items():
+        if key not in {"alias", "version"}:
+            client.set_model_version_tag(name, version.version, f"{alias}.{key}", str(value))
+    _record(client, name, entry)
+    return entry
+
+
+def promote(
+    client: Any, name: str, alias: str, version: Any, floor: float, *, force: bool = False,
+    reason: str = "", provenance: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Move `alias` to `version` if it passes the gate (or with force and a reason)."""
+    if force and not reason.strip():
+        raise RegistryError("--force needs a --reason, which is recorded with the promotion")
+    accuracy = accuracy_of(client, version)
+    current = champion(client, name, alias)
+    if current is not None and current.version == version.version:
+        raise RegistryError(f"version {version.version} is already {name}@{alias}")
+    refusal = gate(accuracy, floor, accuracy_of(client, current) if current else None)
+    if refusal and not force:
+        raise RegistryError(f"refused to promote {name} version {version.version} to "
+                            f"@{alias}: {refusal}. Nothing was changed.")
+    why = reason or "passed the gate"
+    if refusal:
+        why = f"forced past the gate ({refusal}): {reason}"
+    return move_alias(client, name, alias, version, action="promote", previous=current,
+                      accuracy=accuracy, reason=why, provenance=provenance or {})
+
+
+def rollback(client: Any, name: str, alias: str, provenance: dict[str, str] | None = None,
+             reason: str = "") -> dict[str, Any]:
+    """Move `alias` back to the champion before the current one (replaying the history)."""
+    stack: list[int] = []
+    for entry in history(client, name):
+        if entry["alias"] != alias:
+            continue
+        if entry["action"] == "promote":
+            stack.append(entry["version"])
+        elif entry["action"] == "rollback" and stack:
+            stack.pop()
+    if len(stack) < 2:
+        raise RegistryError(f"{name}@{alias} has no earlier champion to roll back to")
+    target = _version(client, name, stack[-2])
+    current = champion(client, name, alias)
+    return move_alias(client, name, alias, target, action="rollback", previous=current,
+                      accuracy=accuracy_of(client, target), reason=reason or "rollback",
+                      provenance=provenance or {})
+
+
+def list_versions(client: Any, name: str) -> list[dict[str, Any]]:
+    """Each version of `name`, newest first, with its aliases, accuracy and run."""
+    rows = []
+    for v in sorted(client.search_model_versions(f"name='{_registered(client, name).name}'"),
+                    key=lambda v: -int(v.version)):
+        try:
+            accuracy: float | None = accuracy_of(client, v)
+        except RegistryError:
+            accuracy = None
+        rows.append({"version": int(v.version), "aliases": list(v.aliases),
+                     "test_accuracy": accuracy, "run_id": v.run_id,
+                     "created": datetime.fromtimestamp(v.creation_timestamp / 1000,
+                                                       timezone.utc).isoformat(timespec="seconds")})
+    return rows

@@ -10,6 +10,9 @@ import contextlib
 import hashlib
 import json
 import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -93,6 +96,12 @@ class NullTracker:
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         pass
 
+    def log_figure(self, figure: Any, name: str) -> None:
+        pass
+
+    def logged_steps(self, key: str) -> set[int]:
+        return set()
+
 
 class MlflowTracker(NullTracker):
     """Tracks one run at a time in the MLflow store at `uri`, under `experiment`."""
@@ -100,10 +109,33 @@ class MlflowTracker(NullTracker):
     def __init__(self, uri: str, experiment: str, artifact_location: str | None = None) -> None:
         self.uri, self.experiment, self.artifact_location = uri, experiment, artifact_location
         self.run_id = None
+        self.pending: list[Any] = []  # metrics not yet accepted by the store
+        self.warned = False
+
+    def check(self, timeout: float = 5.0) -> None:
+        """Fail fast, naming the URI, when the store cannot be reached (before any work)."""
+        if self.uri.startswith(("http://", "https://")):
+            try:
+                with urllib.request.urlopen(self.uri.rstrip("/") + "/health", timeout=timeout):
+                    pass
+            except (OSError, ValueError) as exc:
+                reason = getattr(exc, "reason", exc)
+                raise TrackingError(
+                    f"the MLflow tracking server {self.uri} is unreachable ({reason}). Start "
+                    "it, point MLFLOW_TRACKING_URI at a running one, or unset it to use ./mlruns."
+                ) from None
+        elif self.uri.startswith("sqlite:///"):
+            folder = Path(self.uri.removeprefix("sqlite:///")).parent
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise TrackingError(f"cannot create the MLflow store folder {folder}: "
+                                    f"{exc.strerror}") from None
 
     def _experiment_id(self) -> str:
         import mlflow
 
+        self.check()
         mlflow.set_tracking_uri(self.uri)
         try:
             found = mlflow.get_experiment_by_name(self.experiment)
@@ -133,6 +165,7 @@ class MlflowTracker(NullTracker):
         status = "FINISHED"
         try:
             yield self
+            self.flush(strict=True)
         except KeyboardInterrupt:
             status = "KILLED"
             raise
@@ -140,29 +173,78 @@ class MlflowTracker(NullTracker):
             status = "FAILED"
             raise
         finally:
-            mlflow.end_run(status)
+            try:
+                mlflow.end_run(status)
+            except Exception:  # the store is gone; the error that matters is already raised
+                if status == "FINISHED":
+                    raise TrackingError(f"cannot close run {self.run_id} at {self.uri}: the "
+                                        "store is unreachable") from None
+
+    def attach(self, run_id: str) -> MlflowTracker:
+        """Log to an existing run (e.g. evaluation results to the training run)."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri)  # for model loading through the registry too
+        try:
+            self.client().get_run(run_id)
+        except Exception as exc:
+            raise TrackingError(f"MLflow run {run_id} not found in {self.uri}: {exc}") from None
+        self.run_id = run_id
+        return self
+
+    def client(self) -> Any:
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=self.uri)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        import mlflow
+        from mlflow.entities import Param
 
-        mlflow.log_params({k: str(v) for k, v in params.items()})
+        self.client().log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        import mlflow
+        """Log now if the store answers; else keep them and send them with the next call."""
+        from mlflow.entities import Metric
 
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        now = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        self.flush(strict=False)
+
+    def flush(self, strict: bool) -> None:
+        """Send the metrics kept while the store was unreachable (raise if strict and down)."""
+        if not self.pending:
+            return
+        try:
+            for start in range(0, len(self.pending), 1000):  # MLflow's batch limit
+                self.client().log_batch(self.run_id, metrics=self.pending[start : start + 1000])
+        except Exception as exc:
+            if strict:
+                raise TrackingError(
+                    f"the MLflow store {self.uri} is unreachable ({type(exc).__name__}); "
+                    f"{len(self.pending)} metric values could not be sent. Weights and "
+                    "checkpoint are kept: re-run when the store is back to log and register."
+                ) from None
+            if not self.warned:
+                print(f"warning: the MLflow store {self.uri} is unreachable; metrics are kept "
+                      "and sent when it returns", file=sys.stderr, flush=True)
+                self.warned = True
+            return
+        self.pending = []
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        import mlflow
+        from mlflow.entities import RunTag
 
-        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        self.client().log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_dict(self, obj: Any, name: str) -> None:
-        import mlflow
-
-        mlflow.log_dict(obj, name)
+        self.client().log_dict(self.run_id, obj, name)
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
-        import mlflow
+        self.client().log_artifact(self.run_id, str(path), artifact_path=folder)
 
-        mlflow.log_artifact(str(path), artifact_path=folder)
+    def log_figure(self, figure: Any, name: str) -> None:
+        self.client().log_figure(self.run_id, figure, name)
+
+    def logged_steps(self, key: str) -> set[int]:
+        """The steps at which metric `key` was logged to the current run."""
+        return {m.step for m in self.client().get_metric_history(self.run_id, key)}

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.deterministic
 from torch import nn
 
 from .model import MnistCNN
@@ -48,6 +49,10 @@ def configure_determinism(device: torch.device, cuda_deterministic: bool) -> str
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(True)
+    # Deterministic mode also fills every new tensor with NaN, a debugging aid that cost
+    # 15-25% of a CPU training step (bench/RESULTS.md); no kernel reads unwritten memory, so
+    # the results are bit-identical without it.
+    torch.utils.deterministic.fill_uninitialized_memory = False
     return "deterministic"
 
 

@@ -1,0 +1,176 @@
+"""`mnist-pipeline`: promote, roll back and list registered models, and predict digits.
+
+    mnist-pipeline models                      # versions, aliases, accuracy, run
+    mnist-pipeline promote [--version N | --run-id ID] [--force --reason TEXT]
+    mnist-pipeline rollback                    # alias back to the previous champion
+    mnist-pipeline history                     # every alias move, oldest first
+    mnist-pipeline predict IMAGE... [--model URI] [--json]
+
+The store is $MLFLOW_TRACKING_URI, else ./mlruns (as the pipeline's train stage uses it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import registry
+from .errors import PipelineError, run_stage
+from .io import read_json
+from .params import load_params
+from .tracking import git_state, resolve_tracking
+
+
+def _client(args: argparse.Namespace) -> Any:
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri, _ = resolve_tracking(os.environ, Path.cwd())
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def _provenance() -> dict[str, str]:
+    return {"user": getpass.getuser(), **git_state(Path.cwd())}
+
+
+def _candidate(client: Any, args: argparse.Namespace, name: str) -> Any:
+    if args.version is not None:
+        return registry._version(client, name, args.version)
+    run_id = args.run_id
+    if run_id is None:
+        if not args.run_info.is_file():
+            raise PipelineError(f"{args.run_info} not found: run the pipeline first, or name "
+                                "a --version or --run-id")
+        info = read_json(args.run_info)
+        if info.get("version") is not None and info.get("registered_model") == name:
+            return registry._version(client, name, info["version"])
+        run_id = info.get("run_id")
+    return registry.version_for_run(client, name, run_id)
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    params = load_params(args.params, "promote")
+    alias = args.alias or params.alias
+    client = _client(args)
+    version = _candidate(client, args, args.name)
+    entry = registry.promote(client, args.name, alias, version, params.min_accuracy,
+                             force=args.force, reason=args.reason or "",
+                             provenance=_provenance())
+    before = f" (was version {entry['previous']})" if entry["previous"] else ""
+    print(f"{args.name}@{alias} -> version {entry['version']}{before}: test accuracy "
+          f"{entry['test_accuracy']:.4%}; {entry['reason']}")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    alias = args.alias or load_params(args.params, "promote").alias
+    entry = registry.rollback(_client(args), args.name, alias, _provenance(), args.reason or "")
+    print(f"{args.name}@{alias} rolled back from version {entry['previous']} "
+          f"to version {entry['version']}")
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    entries = registry.history(_client(args), args.name)
+    if args.json:
+        for entry in entries:
+            print(json.dumps(entry, sort_keys=True))
+        return 0
+    if not entries:
+        print(f"no alias has been moved on {args.name} yet")
+    for e in entries:
+        print(f"{e['time']}  {e['action']:<8} @{e['alias']} -> v{e['version']} "
+              f"(from {('v' + str(e['previous'])) if e['previous'] else 'none'})  "
+              f"acc {e['test_accuracy']:.4%}  by {e.get('user', '?')}  {e['reason']}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    rows = registry.list_versions(_client(args), args.name)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row, sort_keys=True))
+        return 0
+    print(f"{'version':>7}  {'aliases':<16} {'test acc':>9}  {'created':<25} run")
+    for r in rows:
+        acc = f"{r['test_accuracy']:.4%}" if r["test_accuracy"] is not None else "-"
+        print(f"{r['version']:>7}  {','.join(r['aliases']) or '-':<16} {acc:>9}  "
+              f"{r['created']:<25} {r['run_id']}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import predict_files
+
+    if not args.model:
+        alias = load_params(args.params, "promote").alias
+        args.model = f"models:/{args.name}@{alias}"
+    _client(args)
+    failed = 0
+    for row in predict_files(args.model, args.images):
+        failed += "error" in row
+        if args.json:
+            print(json.dumps(row), flush=True)
+        elif "error" in row:
+            print(f"{row['file']}: error: {row['error']}", flush=True)
+        else:
+            print(f"{row['file']}: {row['digit']} ({row['probability']:.1%})", flush=True)
+    if failed:
+        print(f"{failed} of {len(args.images)} file(s) could not be read", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="mnist-pipeline", description=__doc__.splitlines()[0])
+    sub = top.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func: Any, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        p.add_argument("--name", default=None,
+                       help="registered model (default: train.registered_model in params)")
+        p.add_argument("--params", type=Path, default=Path("params.yaml"))
+        return p
+
+    p = add("promote", cmd_promote, "Move the alias (default champion) to a model version.")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--version", type=int, help="version number to promote")
+    which.add_argument("--run-id", help="promote the version registered by this run")
+    p.add_argument("--run-info", type=Path, default=Path("models/run.json"),
+                   help="default candidate: the version this checkout's pipeline produced")
+    p.add_argument("--alias", help="alias to move (default: promote.alias in params)")
+    p.add_argument("--force", action="store_true", help="promote past the gate (with --reason)")
+    p.add_argument("--reason", help="why; recorded with the promotion")
+
+    p = add("rollback", cmd_rollback, "Move the alias back to the previous champion.")
+    p.add_argument("--alias")
+    p.add_argument("--reason")
+
+    p = add("history", cmd_history, "Print every alias move, oldest first.")
+    p.add_argument("--json", action="store_true")
+    p = add("models", cmd_models, "List the versions with their aliases, accuracy and run.")
+    p.add_argument("--json", action="store_true")
+
+    p = add("predict", cmd_predict, "Predict the digit in each image file.")
+    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("--model", help="model URI (default: models:/<name>@<alias>)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    return top
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    if args.name is None:
+        try:
+            args.name = load_params(args.params, "train").registered_model
+        except PipelineError:
+            if args.params != Path("params.yaml") or args.params.exists():
+                raise
+            args.name = "mnist-cnn"
+    run_stage(lambda: args.func(args))

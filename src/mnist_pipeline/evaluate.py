@@ -1,0 +1,99 @@
+"""Evaluation of a trained model on the test set: scores, confusion matrix and figures.
+
+Pure functions on arrays; the evaluate stage wires them to files, DVC and MLflow.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .data import NUM_CLASSES
+
+
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray,
+                     num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """counts[true, predicted] as int64 (num_classes, num_classes)."""
+    flat = labels.astype(np.int64) * num_classes + predicted.astype(np.int64)
+    return np.bincount(flat, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def per_class_scores(matrix: np.ndarray) -> dict[str, dict[str, float]]:
+    """Precision, recall, F1 and support of each class (0 where undefined)."""
+    tp = np.diag(matrix).astype(np.float64)
+    predicted, actual = matrix.sum(0), matrix.sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted > 0, tp / predicted, 0.0)
+        recall = np.where(actual > 0, tp / actual, 0.0)
+        f1 = np.where(precision + recall > 0,
+                      2 * precision * recall / (precision + recall), 0.0)
+    return {
+        str(c): {"precision": float(precision[c]), "recall": float(recall[c]),
+                 "f1": float(f1[c]), "support": int(actual[c])}
+        for c in range(len(matrix))
+    }
+
+
+def scores(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
+    """Accuracy, mean cross-entropy, per-class scores and macro F1 from class probabilities."""
+    predicted = probabilities.argmax(1)
+    matrix = confusion_matrix(labels, predicted, probabilities.shape[1])
+    per_class = per_class_scores(matrix)
+    true_p = probabilities[np.arange(len(labels)), labels].astype(np.float64)
+    return {
+        "test_accuracy": float((predicted == labels).mean()),
+        "test_loss": float(-np.log(np.clip(true_p, 1e-12, None)).mean()),
+        "macro_f1": float(np.mean([s["f1"] for s in per_class.values()])),
+        "per_class": per_class,
+    }
+
+
+def confusion_records(labels: np.ndarray, predicted: np.ndarray) -> list[dict[str, int]]:
+    """One {actual, predicted} row per image: the input of DVC's `confusion` template."""
+    return [{"actual": int(a), "predicted": int(p)} for a, p in zip(labels, predicted,
+                                                                     strict=True)]
+
+
+def misclassified_grid(
+    images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray, max_images: int = 100,
+    columns: int = 10, scale: int = 3,
+) -> Image.Image:
+    """A grid of the misclassified digits (most confident mistakes first), each captioned
+    'true -> predicted (probability)'."""
+    predicted = probabilities.argmax(1)
+    wrong = np.flatnonzero(predicted != labels)
+    wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]], kind="stable")][:max_images]
+    cell, caption = 28 * scale, 14
+    rows = max(1, -(-len(wrong) // columns))
+    grid = Image.new("L", (columns * cell, rows * (cell + caption)), color=255)
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default()
+    for n, i in enumerate(wrong):
+        x, y = (n % columns) * cell, (n // columns) * (cell + caption)
+        digit = Image.fromarray(255 - images[i]).resize((cell, cell), Image.NEAREST)
+        grid.paste(digit, (x, y))
+        text = f"{labels[i]}->{predicted[i]}  {probabilities[i, predicted[i]]:.0%}"
+        draw.text((x + 2, y + cell + 1), text, fill=0, font=font)
+    if not len(wrong):
+        draw.text((4, 4), "no misclassified digits", fill=0, font=font)
+    return grid
+
+
+def confusion_figure(matrix: np.ndarray) -> Any:
+    """A matplotlib figure of the confusion matrix with counts (for MLflow)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    ax.imshow(np.log1p(matrix), cmap="Blues")
+    for (t, p), count in np.ndenumerate(matrix):
+        ax.text(p, t, str(count), ha="center", va="center", fontsize=7,
+                color="white" if t == p else "black")
+    ax.set(xlabel="predicted", ylabel="actual", xticks=range(len(matrix)),
+           yticks=range(len(matrix)), title="Confusion matrix (test set)")
+    fig.tight_layout()
+    return fig

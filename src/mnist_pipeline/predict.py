@@ -1,0 +1,39 @@
+"""Predict digits in image files with a logged or registered MLflow model.
+
+Each file is read and turned into an MNIST-style digit on its own; a file that cannot be read
+gets an error row and the others are still predicted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .images import ImageError, load_image, to_mnist
+from .registry import load_pyfunc
+
+BATCH = 256
+
+
+def predict_files(model_uri: str, paths: Sequence[Path]) -> Iterator[dict[str, Any]]:
+    """Yield {file, digit, probability} or {file, error} for each path, in order."""
+    model = load_pyfunc(model_uri)
+    for start in range(0, len(paths), BATCH):
+        chunk = paths[start : start + BATCH]
+        rows: list[dict[str, Any]] = []
+        pixels = []
+        for path in chunk:
+            try:
+                pixels.append(to_mnist(load_image(path)))
+                rows.append({"file": str(path)})
+            except ImageError as exc:
+                rows.append({"file": str(path), "error": str(exc)})
+        if pixels:
+            probs = np.asarray(model.predict(np.stack(pixels)[:, None].astype(np.float32)))
+            good = (r for r in rows if "error" not in r)
+            for row, p in zip(good, probs, strict=True):
+                row.update(digit=int(p.argmax()), probability=float(p.max()))
+        yield from rows

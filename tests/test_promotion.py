@@ -1,0 +1,212 @@
+"""Promotion through registry aliases, rollback, history, and using the promoted model:
+`mnist-pipeline promote|rollback|history|models|predict`, a real `mlflow server` and a real
+`mlflow models serve`, all on the shared end-to-end pipeline run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from .conftest import VENV_BIN, free_port, load_real, run, wait_for_http
+
+pytestmark = pytest.mark.e2e
+CLI = str(VENV_BIN / "mnist-pipeline")
+
+
+def _set_floor(repo: Path, floor: float) -> None:
+    path = repo / "params.yaml"
+    doc = yaml.safe_load(path.read_text())
+    doc["promote"]["min_accuracy"] = floor
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+@pytest.fixture(scope="session")
+def promotions(pipeline, run_info, client):
+    """The promotion lifecycle, step by step: each command's result, in order."""
+    repo, env, _ = pipeline
+    steps: dict[str, Any] = {}
+
+    def cli(name: str, *args: str) -> None:
+        steps[name] = run([CLI, *args], repo, env, check=False)
+
+    cli("below_floor", "promote")
+    cli("models_before", "models", "--json")
+    _set_floor(repo, 0.05)  # lower the floor through params
+    cli("promote_v1", "promote")
+    steps["tags_v1"] = client.get_model_version("mnist-cnn", str(run_info["version"])).tags
+    # a second, worse version (above the floor, below the champion): 2,000 images only
+    steps["second_run"] = run(["dvc", "exp", "run", "-S", "train.train_subset=2000"], repo, env)
+    cli("worse_refused", "promote")  # default candidate is now the new version
+    cli("force_without_reason", "promote", "--force")
+    cli("forced", "promote", "--force", "--reason", "testing a forced promotion")
+    cli("rollback", "rollback")
+    cli("rollback_again", "rollback")
+    cli("history", "history", "--json")
+    cli("models", "models", "--json")
+    cli("unknown_version", "promote", "--version", "99")
+    cli("unknown_run", "promote", "--run-id", "0123456789abcdef")
+    cli("unknown_model", "promote", "--name", "no-such-model", "--version", "1")
+    return steps
+
+
+def test_promotion_below_the_floor_is_refused(promotions):
+    refused = promotions["below_floor"]
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "below the floor 99.5000%" in refused.stderr and "98." in refused.stderr
+    assert all(not json.loads(line)["aliases"]
+               for line in promotions["models_before"].stdout.splitlines())
+
+
+def test_promotion_with_a_lowered_floor(promotions, client, run_info):
+    assert promotions["promote_v1"].returncode == 0, promotions["promote_v1"].stderr
+    tags = promotions["tags_v1"]
+    assert tags["champion.action"] == "promote" and tags["champion.previous"] == "None"
+    assert len(tags["champion.git_commit"]) == 40 and tags["champion.time"]
+    assert float(tags["champion.test_accuracy"]) == pytest.approx(float(tags["test_accuracy"]))
+
+
+def test_worse_version_is_refused_then_forced_with_a_reason(promotions, run_info):
+    worse = promotions["worse_refused"]
+    assert worse.returncode == 1 and "below the current champion's" in worse.stderr
+    assert promotions["force_without_reason"].returncode == 1
+    assert "--reason" in promotions["force_without_reason"].stderr
+    assert promotions["forced"].returncode == 0, promotions["forced"].stderr
+    assert f"was version {run_info['version']}" in promotions["forced"].stdout
+
+
+def test_rollback_and_history(promotions, client, run_info):
+    assert promotions["rollback"].returncode == 0, promotions["rollback"].stderr
+    v1 = run_info["version"]
+    # the second rollback has nothing earlier than v1 to go to
+    assert promotions["rollback_again"].returncode == 1
+    assert "no earlier champion" in promotions["rollback_again"].stderr
+    assert str(client.get_model_version_by_alias("mnist-cnn", "champion").version) == str(v1)
+    history = [json.loads(line) for line in promotions["history"].stdout.splitlines()]
+    assert [(h["action"], h["version"], h["previous"]) for h in history] == [
+        ("promote", v1, None), ("promote", v1 + 1, v1), ("rollback", v1, v1 + 1)]
+    assert "testing a forced promotion" in history[1]["reason"]
+    assert "forced past the gate" in history[1]["reason"]
+    models = {json.loads(line)["version"]: json.loads(line)
+              for line in promotions["models"].stdout.splitlines()}
+    assert models[v1]["aliases"] == ["champion"] and models[v1 + 1]["aliases"] == []
+    assert models[v1 + 1]["test_accuracy"] < models[v1]["test_accuracy"]
+
+
+@pytest.mark.parametrize("step, message", [
+    ("unknown_version", "has no version 99"),
+    ("unknown_run", "registered no version"),
+    ("unknown_model", "no registered model named 'no-such-model'"),
+])
+def test_bad_names_give_clear_errors(promotions, step, message):
+    done = promotions[step]
+    assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.fixture(scope="session")
+def digit_files(tmp_path_factory):
+    """Real test digits as PNG/JPEG files of other sizes and both polarities, plus bad files."""
+    folder = tmp_path_factory.mktemp("digits")
+    images, labels = load_real("t10k", 12)
+    files, expected = [], []
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        variants = {
+            f"{i}-plain.png": Image.fromarray(image),
+            f"{i}-big-inverted.png": Image.fromarray(255 - image).resize((140, 140)),
+            f"{i}-rgb.jpg": Image.fromarray(255 - image).convert("RGB").resize((64, 90)),
+        }
+        for name, im in variants.items():
+            im.save(folder / name)
+            files.append(folder / name)
+            expected.append(int(label))
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.txt").write_text("not an image")
+    return files, expected, [folder / "empty.png", folder / "notes.txt"]
+
+
+def test_predict_real_digits_and_report_bad_files(pipeline, promotions, digit_files):
+    repo, env, _ = pipeline
+    files, expected, bad = digit_files
+    done = run([CLI, "predict", "--json", *map(str, files), *map(str, bad)], repo, env,
+               check=False)
+    assert done.returncode == 1  # some files failed
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["file"] for r in rows] == [str(f) for f in [*files, *bad]]
+    good, errors = rows[: len(files)], rows[len(files):]
+    predicted = [r["digit"] for r in good]
+    assert sum(p == e for p, e in zip(predicted, expected, strict=True)) >= len(files) - 1
+    assert all(0.0 < r["probability"] <= 1.0 for r in good)
+    assert all("error" in r and r["file"] in r["error"] for r in errors)
+    plain = run([CLI, "predict", str(files[0])], repo, env).stdout
+    assert plain.startswith(f"{files[0]}: {expected[0]} (")
+
+
+def _popen(cmd: list[str], repo: Path, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    import os
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def test_mlflow_server_answers_rest_queries(pipeline, promotions, run_info):
+    repo, env, _ = pipeline
+    port = free_port()
+    server = _popen([str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port",
+                     str(port), "--workers", "1",
+                     "--backend-store-uri", f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}",
+                     "--default-artifact-root", (repo / "mlruns" / "artifacts").as_uri()],
+                    repo, env)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{base}/health", server)
+        history = _get(f"{base}/api/2.0/mlflow/metrics/get-history?"
+                       f"run_id={run_info['run_id']}&metric_key=train_loss")
+        assert [m["step"] for m in history["metrics"]] == [1]
+        alias = _get(f"{base}/api/2.0/mlflow/registered-models/alias?"
+                     "name=mnist-cnn&alias=champion")
+        assert alias["model_version"]["version"] == str(run_info["version"])
+    finally:
+        _stop(server)
+
+
+def test_mlflow_models_serve_predicts(pipeline, promotions):
+    repo, env, _ = pipeline
+    port = free_port()
+    serve_env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"}
+    server = _popen([str(VENV_BIN / "mlflow"), "models", "serve", "-m",
+                     "models:/mnist-cnn@champion", "--env-manager", "local",
+                     "-h", "127.0.0.1", "-p", str(port)], repo, serve_env)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/ping", server, timeout=180)
+        images, labels = load_real("t10k", 20)
+        body = json.dumps({"inputs": (images[:, None] / 255.0).tolist()}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=body,
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            predictions = np.array(json.loads(response.read())["predictions"])
+        assert predictions.shape == (20, 10)
+        assert (predictions.argmax(1) == labels).mean() >= 0.95
+    finally:
+        _stop(server)
