@@ -245,13 +245,17 @@ def rollback(client: Any, name: str, alias: str, provenance: dict[str, str] | No
 def list_versions(client: Any, name: str) -> list[dict[str, Any]]:
     """Each version of `name`, newest first, with its aliases, accuracy and run."""
     rows = []
-    for v in sorted(client.search_model_versions(f"name='{_registered(client, name).name}'"),
+    # search results carry no aliases: take them from the registered model
+    aliases: dict[str, list[str]] = {}
+    for alias, version in _registered(client, name).aliases.items():
+        aliases.setdefault(str(version), []).append(alias)
+    for v in sorted(client.search_model_versions(f"name='{name}'"),
                     key=lambda v: -int(v.version)):
         try:
             accuracy: float | None = accuracy_of(client, v)
         except RegistryError:
             accuracy = None
-        rows.append({"version": int(v.version), "aliases": list(v.aliases),
+        rows.append({"version": int(v.version), "aliases": sorted(aliases.get(str(v.version), [])),
                      "test_accuracy": accuracy, "run_id": v.run_id,
                      "created": datetime.fromtimestamp(v.creation_timestamp / 1000,
                                                        timezone.utc).isoformat(timespec="seconds")})

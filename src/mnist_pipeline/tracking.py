@@ -141,9 +141,16 @@ class MlflowTracker(NullTracker):
             found = mlflow.get_experiment_by_name(self.experiment)
             if found is not None:
                 return found.experiment_id
-            return mlflow.create_experiment(
-                self.experiment, artifact_location=self.artifact_location
-            )
+            try:
+                return mlflow.create_experiment(
+                    self.experiment, artifact_location=self.artifact_location
+                )
+            except mlflow.exceptions.MlflowException:
+                # another run (e.g. a parallel `dvc exp run`) created it first
+                found = mlflow.get_experiment_by_name(self.experiment)
+                if found is None:
+                    raise
+                return found.experiment_id
         except Exception as exc:  # any failure to reach the store is the user's to fix
             raise TrackingError(
                 f"cannot use the MLflow tracking store {self.uri}: {exc}. Set "
