@@ -36,6 +36,10 @@ ui: install ## Open the MLflow UI on the local store (http://127.0.0.1:5000)
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlruns/artifacts --host $(HOST) --port $(PORT)
 
+serve: install ## Serve models:/mnist-cnn@champion on http://127.0.0.1:5001/invocations
+	MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/mlruns/mlflow.db mlflow models serve \
+		-m models:/mnist-cnn@champion --env-manager local --host $(HOST) --port 5001
+
 bench: install ## Benchmark the training path against the reference loop (1 epoch, CPU)
 	$(PY) bench/train_speed.py --device cpu --epochs 1
 

@@ -137,6 +137,24 @@ class MlflowTracker(NullTracker):
 
         self.check()
         mlflow.set_tracking_uri(self.uri)
+        with self._store_lock():
+            return self._get_or_create_experiment()
+
+    @contextlib.contextmanager
+    def _store_lock(self) -> Iterator[None]:
+        """Serialise first use of a local SQLite store: two runs starting at once (e.g.
+        `dvc exp run --run-all -j 2`) would otherwise race to create its tables."""
+        if not self.uri.startswith("sqlite:///"):
+            yield
+            return
+        from filelock import FileLock
+
+        with FileLock(str(Path(self.uri.removeprefix("sqlite:///")).with_suffix(".lock"))):
+            yield
+
+    def _get_or_create_experiment(self) -> str:
+        import mlflow
+
         try:
             found = mlflow.get_experiment_by_name(self.experiment)
             if found is not None:
