@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: help install repro test test-all lint ui serve bench clean
+.PHONY: help install repro test test-all lint ui serve exp accuracy bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -39,6 +39,12 @@ ui: install ## Open the MLflow UI on the local store (http://127.0.0.1:5000)
 serve: install ## Serve models:/mnist-cnn@champion on http://127.0.0.1:5001/invocations
 	MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/mlruns/mlflow.db mlflow models serve \
 		-m models:/mnist-cnn@champion --env-manager local --host $(HOST) --port 5001
+
+exp: install ## Run a named recipe as a DVC experiment: make exp RECIPE=best-single
+	dvc exp run -n $(RECIPE)-$$(date +%H%M%S) $$($(PY) -m mnist_pipeline.recipes recipes/$(RECIPE).yaml)
+
+accuracy: install ## Train recipes over 3 seeds and print the accuracy table (hours on a CPU)
+	$(PY) bench/accuracy.py --recipe reference --recipe best-single --seeds 0 1 2
 
 bench: install ## Benchmark the training path against the reference loop (1 epoch, CPU)
 	$(PY) bench/train_speed.py --device cpu --epochs 1

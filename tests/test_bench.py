@@ -1,62 +1,109 @@
-"""bench/train_speed.py end to end on a tiny MNIST copy: it runs without PyYAML or MLflow (as on
-the GPU machine) and writes the table and the JSON it promises. Behaviour only, never speed.
+"""bench/train_speed.py end to end on a tiny MNIST copy: it runs without PyYAML, MLflow or DVC
+(as on the GPU machine) and writes the table and the JSON it promises. Behaviour only: no test
+here looks at a timing.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
+
+from mnist_pipeline.params import TrainParams
+from mnist_pipeline.train import to_tensor
 
 from .conftest import ROOT, load_real, write_idx
 
-# Run the script as the GPU machine would: with PyYAML, MLflow and DVC impossible to import.
-RUNNER = ("import runpy, sys; sys.modules.update(yaml=None, mlflow=None, dvc=None); "
-          "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+@pytest.fixture(scope="module")
+def bench():
+    """bench/train_speed.py as a module (it puts src/ and bench/ on sys.path: undone here)."""
+    saved = list(sys.path)
+    spec = importlib.util.spec_from_file_location("train_speed", ROOT / "bench" / "train_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.path[:] = saved
+    return module
 
 
 @pytest.fixture(scope="module")
-def tiny_raw(tmp_path_factory):
-    raw = tmp_path_factory.mktemp("bench") / "raw"
+def tiny(tmp_path_factory):
+    """A raw folder with 400 training and 200 test images, and an environment in which
+    `import yaml`, `import mlflow` and `import dvc` fail, in the script and its children."""
+    base = tmp_path_factory.mktemp("bench")
+    raw = base / "raw"
     raw.mkdir()
     for split, n in (("train", 400), ("t10k", 200)):
         images, labels = load_real(split, n)
         write_idx(raw / f"{split}-images-idx3-ubyte", images)
         write_idx(raw / f"{split}-labels-idx1-ubyte", labels.astype(np.uint8))
-    return raw
+    blocker = base / "site"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\nsys.modules.update(yaml=None, mlflow=None, dvc=None)\n")
+    env = {**os.environ, "PYTHONPATH": str(blocker)}
+    return raw, env
 
 
-def run_bench(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-c", RUNNER, str(ROOT / "bench" / "train_speed.py"), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+def run_bench(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "bench" / "train_speed.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
 
 
-def test_bench_writes_the_table_and_json_without_yaml_or_mlflow(tiny_raw, tmp_path):
+def test_bench_writes_the_table_and_json_without_yaml_or_mlflow(tiny, tmp_path):
+    raw, env = tiny
+    blocked = subprocess.run([sys.executable, "-c", "import yaml"], env=env, capture_output=True)
+    assert blocked.returncode != 0  # the environment really has no PyYAML
     out = tmp_path / "out.json"
-    done = run_bench("--device", "cpu", "--steps", "2", "--epochs", "1", "--warmup", "1",
-                     "--threads", "1", "--variant", "default", "--variant",
-                     "fused+channels_last", "--recipe", "--recipe-epochs", "2",
-                     "--raw", str(tiny_raw), "--stats", str(tmp_path / "none.json"),
-                     "--json", str(out))
+    done = run_bench(env, "--device", "cpu", "--steps", "2", "--epochs", "1", "--warmup", "1",
+                     "--threads", "1", "--variant", "fused+channels_last", "--raw", str(raw),
+                     "--stats", str(tmp_path / "none.json"), "--json", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert [r["name"] for r in report["rows"]] == ["reference", "default", "fused+channels_last"]
+    assert [r["name"] for r in report["rows"]] == ["reference", "fused+channels_last"]
     for row in report["rows"]:
         assert row["seconds_per_epoch"] > 0 and row["images_per_second"] > 0
         assert 0 <= row["test_accuracy"] <= 1 and len(row["runs"]) == 1
-        assert row["runs"][0]["images"] == 200  # 1 epoch x 2 steps x 100 images
-    assert report["rows"][2]["overrides"] == {"fused_optimizer": True, "channels_last": True}
-    assert report["speedup"] == pytest.approx(report["rows"][1]["ratio"]) and report["speedup"] > 0
+        run = row["runs"][0]
+        assert run["images"] == 200 and run["epoch_images"] == 400  # 2 steps of 100; 400
+        assert run["flags"]["threads"] == 1
+    assert report["rows"][1]["overrides"] == {"fused_optimizer": True, "channels_last": True}
+    assert report["rows"][1]["runs"][0]["flags"]["deterministic"]  # the pipeline's setting
+    assert report["speedup"] == report["rows"][1]["ratio"] > 0
     assert report["machine"]["threads"] == 1 and report["machine"]["cpu"]
     assert report["settings"]["accuracy_after"] == "1 epoch(s) of 2 steps"
-    assert [len(r["accuracy_per_epoch"]) for r in report["recipe"]] == [2, 2]
-    assert set(report["recipe"][0]) >= {"train_seconds", "epoch_reached", "seconds_to_target"}
+    assert report["recipe"] is None  # only on CUDA unless --recipe
     assert "reference" in done.stdout and "project fused+channels_last" in done.stdout
 
 
-def test_bench_rejects_an_unknown_variant_before_any_work(tiny_raw):
-    done = run_bench("--variant", "fused+turbo", "--raw", str(tiny_raw))
-    assert done.returncode == 2 and "unknown variant token 'turbo'" in done.stderr
+def test_recipe_reports_accuracy_per_epoch_and_when_the_target_was_reached(bench, monkeypatch):
+    images, labels = load_real("train", 300)
+    x = to_tensor(images, 0.13, 0.31, torch.device("cpu"))
+    y = torch.from_numpy(labels)
+    params = dataclasses.replace(TrainParams(), batch_size=50)
+    monkeypatch.setattr(bench, "TARGET_ACCURACY", 0.0)  # reached at once, whatever the numbers
+    result = bench.run_recipe(params, (x, y, x[:100], y[:100]), 2, torch.device("cpu"))
+    assert result["epochs"] == 2 and len(result["accuracy_per_epoch"]) == 2
+    assert result["epoch_reached"] == 1 and 0 < result["seconds_to_target"] <= result[
+        "train_seconds"]
+    assert result["final_accuracy"] == result["accuracy_per_epoch"][-1]
+
+
+@pytest.mark.parametrize("variant", ["fused+turbo", "bf32"])
+def test_bench_rejects_an_unknown_variant_before_any_work(bench, variant, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(["--variant", variant])
+    assert exit_info.value.code == 2 and "unknown variant token" in capsys.readouterr().err
+
+
+def test_variant_tokens_combine_into_train_params(bench):
+    params = bench.variant_params("fused+channels_last+bf16")
+    assert (params.fused_optimizer, params.channels_last, params.amp) == (True, True, "bf16")
+    assert bench.variant_params("default") == TrainParams()

@@ -51,7 +51,8 @@ def test_fit_reports_each_epoch_and_learns(subset):
 @pytest.mark.parametrize("option", [
     {"channels_last": True}, {"amp": "bf16"}, {"fused_optimizer": True},
     {"optimizer": "adamw"}, {"optimizer": "sgd", "lr": 0.05}, {"scheduler": "none"},
-    {"plateau_loss": "epoch_mean"},
+    {"plateau_loss": "epoch_mean"}, {"scheduler": "onecycle", "lr": 0.003},
+    {"scheduler": "cosine"}, {"augment": True}, {"ema_decay": 0.9}, {"label_smoothing": 0.1},
 ])
 def test_speed_and_recipe_options_train_on_cpu(subset, option):
     _, history, _ = _fit(dataclasses.replace(SMALL, **option), subset)
@@ -112,3 +113,83 @@ def test_run_training_is_deterministic_on_cpu(raw_dir, tmp_path):
         r["train_loss"] for r in read_json(b.history)]
     state = torch.load(a.weights, weights_only=True)
     assert "features.0.weight" in state and state["features.0.weight"].device.type == "cpu"
+
+
+def test_validation_split_is_disjoint_and_seeded():
+    from mnist_pipeline.train_workflow import split_validation
+
+    keep, held = split_validation(100, 10, seed=3)
+    assert len(held) == 10 and len(keep) == 90 and not set(keep) & set(held)
+    assert (split_validation(100, 10, seed=3)[1] == held).all()
+    assert not (split_validation(100, 10, seed=4)[1] == held).all()
+
+
+def test_validation_metrics_and_best_epoch(subset):
+    x, y = subset
+    params = dataclasses.replace(SMALL, epochs=3, val_size=100, select_best=True,
+                                 plateau_loss="val_loss")
+    state = build_state(params, torch.device("cpu"))
+    history = fit(state, params, x[100:], y[100:], val=(x[:100], y[:100]))
+    assert all({"val_loss", "val_accuracy"} <= set(row) for row in history)
+    best = max(history, key=lambda r: r["val_accuracy"])
+    assert state.best["epoch"] == best["epoch"]
+    from mnist_pipeline.train import evaluate, final_model
+
+    again = evaluate(final_model(state), x[:100], y[:100], 50)["accuracy"]
+    assert again == pytest.approx(best["val_accuracy"])
+
+
+def test_select_best_needs_a_validation_split():
+    from mnist_pipeline.params import ParamsError
+
+    with pytest.raises(ParamsError, match="train.select_best: needs a validation split"):
+        TrainParams(select_best=True)
+
+
+def test_tta_evaluation_matches_the_served_model(subset):
+    from mnist_pipeline.model import DeployableModel
+    from mnist_pipeline.train import predict_logits
+
+    x, _ = subset
+    state, _, _ = _fit(dataclasses.replace(SMALL, epochs=1), subset)
+    net = state.model.eval()
+    logits = predict_logits(net, x[:20], 10, tta=True)
+    served = DeployableModel(net, 0.1307, 0.3081, tta=True).eval()(x[:20] * 0.3081 + 0.1307)
+    torch.testing.assert_close(logits.exp(), served.detach(), atol=1e-5, rtol=1e-4)
+    plain = DeployableModel(net, 0.1307, 0.3081).eval()(x[:20] * 0.3081 + 0.1307)
+    assert not torch.allclose(plain, served)
+
+
+def test_random_affine_is_seeded_and_identity_at_zero():
+    from mnist_pipeline.augment import random_affine
+
+    x = torch.randn(4, 1, 28, 28)
+    same = random_affine(x, torch.Generator().manual_seed(0), 0, 0, 0)
+    torch.testing.assert_close(same, x, atol=1e-5, rtol=0)
+    a = random_affine(x, torch.Generator().manual_seed(1))
+    b = random_affine(x, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.allclose(a, x)
+
+
+def test_checkpoint_round_trip_with_every_state(subset, tmp_path):
+    """Stopping after epoch 1 and resuming gives exactly the uninterrupted result."""
+    from mnist_pipeline.checkpoint import load_checkpoint, restore, save_checkpoint
+
+    params = dataclasses.replace(SMALL, epochs=2, scheduler="onecycle", ema_decay=0.9,
+                                 augment=True, val_size=100, select_best=True)
+    x, y = subset
+    val = (x[:100], y[:100])
+    straight = build_state(params, torch.device("cpu"), len(x[100:]) // params.batch_size)
+    fit(straight, params, x[100:], y[100:], val=val)
+
+    first = build_state(params, torch.device("cpu"), len(x[100:]) // params.batch_size)
+    fit(first, dataclasses.replace(params, epochs=1), x[100:], y[100:], val=val)
+    save_checkpoint(tmp_path / "c.pt", first, "run", "fp")
+    resumed = build_state(params, torch.device("cpu"), len(x[100:]) // params.batch_size)
+    restore(resumed, load_checkpoint(tmp_path / "c.pt"))
+    fit(resumed, params, x[100:], y[100:], val=val)
+    for a, b in ((straight.eval_model(), resumed.eval_model()), (straight.model, resumed.model)):
+        for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(),
+                                      strict=True):
+            assert ka == kb and torch.equal(va, vb), ka
+    assert straight.history[-1]["lr"] == resumed.history[-1]["lr"]

@@ -29,8 +29,17 @@ def random_affine(
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     theta = torch.stack([torch.stack([cos, -sin, offset[:, 0]], 1),
                          torch.stack([sin, cos, offset[:, 1]], 1)], 1)  # (B, 2, 3)
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+    # F.affine_grid does the same through a batched matmul that is much slower on a CPU:
+    # each source coordinate is affine in the output pixel's (x, y)
+    ys = (torch.arange(h, device=x.device) * 2 + 1) / h - 1  # align_corners=False
+    xs = (torch.arange(w, device=x.device) * 2 + 1) / w - 1
+
+    def coordinate(row: int) -> torch.Tensor:  # (B, H, W)
+        a, b, c = (theta[:, row, k, None, None] for k in range(3))
+        return a * xs[None, None, :] + b * ys[None, :, None] + c
+
+    grid = torch.stack([coordinate(0), coordinate(1)], -1)  # (B, H, W, 2)
+    return F.grid_sample(x, grid.to(x.dtype), padding_mode="border", align_corners=False)
 
 
 def shifted_views(x: torch.Tensor, pixels: int = 1) -> list[torch.Tensor]:

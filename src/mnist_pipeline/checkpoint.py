@@ -35,6 +35,10 @@ def save_checkpoint(path: Path, state: TrainState, run_id: str | None, fingerpri
         "run_id": run_id,
         "fingerprint": fingerprint,
         "complete": complete,
+        "batch_scheduler": (state.batch_scheduler.state_dict()
+                            if state.batch_scheduler is not None else None),
+        "ema": state.ema.state_dict() if state.ema is not None else None,
+        "best": state.best,
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -74,7 +78,12 @@ def restore(state: TrainState, payload: dict[str, Any]) -> None:
         if state.scheduler is not None:
             state.scheduler.load_state_dict(payload["scheduler"])
         state.generator.set_state(payload["generator"])
+        if state.batch_scheduler is not None:
+            state.batch_scheduler.load_state_dict(payload["batch_scheduler"])
+        if state.ema is not None:
+            state.ema.load_state_dict(payload["ema"])
     except (RuntimeError, KeyError, ValueError, TypeError) as exc:
         raise CheckpointError(f"checkpoint does not fit the model: {exc}") from None
+    state.best = payload.get("best")
     state.epoch = int(payload["epoch"])
     state.history = list(payload["history"])

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .augment import shifted_views
+
 
 @dataclass(frozen=True)
 class CNNConfig:
@@ -54,16 +56,35 @@ class MnistCNN(nn.Module):
 
 
 class DeployableModel(nn.Module):
-    """Raw pixels in [0, 1] (B, 1, 28, 28) -> class probabilities (B, 10)."""
+    """Raw pixels in [0, 1] (B, 1, 28, 28) -> class probabilities (B, 10).
 
-    def __init__(self, net: nn.Module, mean: float, std: float) -> None:
+    With `tta`, the probabilities are averaged over the image and its 1-pixel shifts.
+    """
+
+    def __init__(self, net: nn.Module, mean: float, std: float, tta: bool = False) -> None:
         super().__init__()
         self.net = net
+        self.tta = tta
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.net((x - self.mean) / self.std), dim=1)
+        x = (x - self.mean) / self.std
+        if not self.tta:
+            return torch.softmax(self.net(x), dim=1)
+        views = shifted_views(x)
+        return torch.stack([torch.softmax(self.net(v), dim=1) for v in views]).mean(0)
+
+
+class EnsembleModel(nn.Module):
+    """Averages the class probabilities of several deployable models (same input, output)."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members]).mean(0)
 
 
 def count_parameters(model: nn.Module) -> int:

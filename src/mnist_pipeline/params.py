@@ -41,14 +41,37 @@ class TrainParams:
     lr: float = field(default=0.001, metadata=_num(0, 10, lo_open=True))
     optimizer: str = field(default="adam", metadata=_choice("adam", "adamw", "sgd"))
     weight_decay: float = field(default=0.0, metadata=_num(0, 1))
-    scheduler: str = field(default="plateau", metadata=_choice("plateau", "none"))
+    # plateau: ReduceLROnPlateau once per epoch (the reference); onecycle / cosine: per batch
+    scheduler: str = field(
+        default="plateau", metadata=_choice("plateau", "onecycle", "cosine", "none"))
     # Which loss drives ReduceLROnPlateau: the reference steps it on the last batch's loss.
-    plateau_loss: str = field(default="last_batch", metadata=_choice("last_batch", "epoch_mean"))
+    plateau_loss: str = field(
+        default="last_batch", metadata=_choice("last_batch", "epoch_mean", "val_loss"))
     plateau_factor: float = field(default=0.1, metadata=_num(0, 1, lo_open=True))
     plateau_threshold: float = field(default=0.1, metadata=_num(0, 1))
     plateau_patience: int = field(default=1, metadata=_num(0, 100))
+    onecycle_pct: float = field(default=0.25, metadata=_num(0, 1, lo_open=True))
     # Use only the first N training images (0 = all); for smoke tests.
     train_subset: int = field(default=0, metadata=_num(0, 60000))
+    # Beyond the reference (all off by default): a validation split carved from the training
+    # set by seed, for the scheduler and for choosing the best epoch; the test set is only
+    # ever used for the final report.
+    val_size: int = field(default=0, metadata=_num(0, 30000))
+    select_best: bool = False  # keep the epoch with the best validation accuracy
+    label_smoothing: float = field(default=0.0, metadata=_num(0, 0.5))
+    augment: bool = False  # random shifts, rotations and scaling on the training device
+    augment_shift: float = field(default=2.0, metadata=_num(0, 8))  # pixels
+    augment_rotate: float = field(default=10.0, metadata=_num(0, 45))  # degrees
+    augment_scale: float = field(default=0.1, metadata=_num(0, 0.5))  # fraction
+    ema_decay: float = field(default=0.0, metadata=_num(0, 0.99999))  # 0 = no weight EMA
+    tta: bool = False  # average predictions over 1-pixel shifts (also in the served model)
+
+    def __post_init__(self) -> None:
+        needs_val = [k for k, on in (("select_best", self.select_best),
+                                     ("plateau_loss", self.plateau_loss == "val_loss")) if on]
+        if needs_val and self.val_size == 0:
+            raise ParamsError(f"params: train.{needs_val[0]}: needs a validation split "
+                              "(train.val_size > 0)")
     # Speed options (off by default where they change numerics).
     amp: str = field(default="none", metadata=_choice("none", "bf16"))
     channels_last: bool = False

@@ -37,10 +37,10 @@ class RegisteredModel:
         return f"models:/{self.registered_model}/{self.version}"
 
 
-def deployable(net: nn.Module, mean: float, std: float) -> nn.Module:
+def deployable(net: nn.Module, mean: float, std: float, tta: bool = False) -> nn.Module:
     """A CPU, eval-mode copy of `net` that takes raw [0, 1] pixels and returns probabilities."""
     net = copy.deepcopy(net).to("cpu", memory_format=torch.contiguous_format).float()
-    return DeployableModel(net, mean, std).eval()
+    return DeployableModel(net, mean, std, tta).eval()
 
 
 def signature() -> Any:

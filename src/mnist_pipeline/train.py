@@ -8,6 +8,8 @@ metrics and neither print nor log; `fit` runs the epochs and reports through a c
 from __future__ import annotations
 
 import contextlib
+import copy
+import ctypes
 import os
 import time
 from collections.abc import Callable
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 import torch.utils.deterministic
 from torch import nn
 
+from .augment import random_affine, shifted_views
 from .model import MnistCNN
 from .params import TrainParams
 
@@ -56,6 +59,24 @@ def configure_determinism(device: torch.device, cuda_deterministic: bool) -> str
     return "deterministic"
 
 
+def tune_cpu_allocator() -> bool:
+    """On glibc, keep freed blocks in the heap instead of returning them to the OS; True if so.
+
+    By default each step's large activations are mapped afresh and page-faulted in (about
+    13,000 faults a step here), which costs more than the arithmetic on a small CPU
+    (bench/RESULTS.md). Process-wide and idempotent; numerics are untouched.
+    """
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
+            return False
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError, ValueError):  # not glibc: macOS, Windows, musl
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    # 32 MiB is glibc's largest mmap threshold: (100, 32, 28, 28) float32 is 10 MB
+    return bool(mallopt(m_mmap_threshold, 32 << 20) and mallopt(m_trim_threshold, 1 << 30))
+
+
 def to_tensor(
     images: np.ndarray, mean: float, std: float, device: torch.device, channels_last: bool = False
 ) -> torch.Tensor:
@@ -71,20 +92,54 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+class WeightEMA:
+    """An exponential moving average of a model's weights and buffers (BN statistics too),
+    updated in place with one fused call per step."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        pairs = list(zip(self.module.state_dict().values(), model.state_dict().values(),
+                         strict=True))
+        self._float = [(a, b) for a, b in pairs if a.is_floating_point()]
+        self._other = [(a, b) for a, b in pairs if not a.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        dst, src = zip(*self._float, strict=True)
+        torch._foreach_lerp_(list(dst), list(src), 1.0 - self.decay)
+        for a, b in self._other:  # e.g. BatchNorm's num_batches_tracked
+            a.copy_(b)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state)
+
+
 @dataclass
 class TrainState:
     """Everything that a resumed run needs to continue exactly where it stopped."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau | None
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau | None  # stepped once per epoch
     generator: torch.Generator
     epoch: int = 0  # epochs completed
     history: list[dict[str, float]] = field(default_factory=list)
+    batch_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None  # stepped per batch
+    ema: WeightEMA | None = None
+    best: dict[str, Any] | None = None  # {"epoch", "val_accuracy", "state"} with select_best
+
+    def eval_model(self) -> nn.Module:
+        """The network to evaluate and export: the weight average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
 
 
-def build_state(params: TrainParams, device: torch.device) -> TrainState:
-    """A freshly initialised model, optimizer, scheduler and shuffling generator from the seed."""
+def build_state(params: TrainParams, device: torch.device, steps_per_epoch: int = 600
+                ) -> TrainState:
+    """A freshly initialised model, optimizer, schedulers, EMA and shuffling generator."""
     torch.manual_seed(params.seed)
     model = MnistCNN().to(device)
     if params.channels_last:
@@ -104,14 +159,27 @@ def build_state(params: TrainParams, device: torch.device) -> TrainState:
             optimizer, mode="min", factor=params.plateau_factor,
             threshold=params.plateau_threshold, patience=params.plateau_patience,
         )
+    batch_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    total = max(params.epochs * steps_per_epoch, 1)
+    if params.scheduler == "onecycle":
+        batch_scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=params.lr, total_steps=total, pct_start=params.onecycle_pct)
+    elif params.scheduler == "cosine":
+        batch_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    ema = WeightEMA(model, params.ema_decay) if params.ema_decay > 0 else None
     generator = torch.Generator().manual_seed(params.seed)
-    return TrainState(model, optimizer, scheduler, generator)
+    return TrainState(model, optimizer, scheduler, generator, batch_scheduler=batch_scheduler,
+                      ema=ema)
 
 
 def train_one_epoch(
     model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
     batch_size: int, generator: torch.Generator, amp: str = "none",
-    on_step: Callable[[], None] | None = None, step_fn: Callable | None = None,
+    on_step: Callable[[], None] | None = None, step_fn: Callable | None = None, *,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    label_smoothing: float = 0.0,
+    batch_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    ema: WeightEMA | None = None,
 ) -> dict[str, float]:
     """One pass over (x, y) in seeded random batches (a short last batch is dropped)."""
     model.train()
@@ -124,12 +192,18 @@ def train_one_epoch(
     for i in range(steps):
         idx = order[i * batch_size : (i + 1) * batch_size]
         xb, yb = x[idx], y[idx]
+        if augment is not None:
+            xb = augment(xb)
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, amp):
             logits = (step_fn if step_fn is not None else model)(xb)
-            loss = F.cross_entropy(logits, yb)
+            loss = F.cross_entropy(logits, yb, label_smoothing=label_smoothing)
         loss.backward()
         optimizer.step()
+        if batch_scheduler is not None:
+            batch_scheduler.step()
+        if ema is not None:
+            ema.update()
         # accumulate on the device: no host sync per step
         loss_sum += loss.detach()
         correct += (logits.detach().argmax(1) == yb).sum()
@@ -144,20 +218,29 @@ def train_one_epoch(
 
 @torch.no_grad()
 def predict_logits(
-    model: nn.Module, x: torch.Tensor, batch_size: int, amp: str = "none"
+    model: nn.Module, x: torch.Tensor, batch_size: int, amp: str = "none", tta: bool = False
 ) -> torch.Tensor:
-    """Logits (N, 10) for every row of x, in eval mode, as float32."""
+    """Logits (N, 10) for every row of x, in eval mode, as float32. With `tta`, the log of
+    the probabilities averaged over 1-pixel-shifted views (as the served model computes)."""
     model.eval()
+
+    def one(xb: torch.Tensor) -> torch.Tensor:
+        if not tta:
+            return model(xb).float()
+        probs = torch.stack([torch.softmax(model(v).float(), 1) for v in shifted_views(xb)])
+        return probs.mean(0).clamp_min(1e-12).log()
+
     with autocast(x.device, amp):
-        chunks = [model(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)]
+        chunks = [one(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
     return torch.cat(chunks) if chunks else torch.empty(0, 10, device=x.device)
 
 
 def evaluate(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, amp: str = "none"
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, amp: str = "none",
+    tta: bool = False,
 ) -> dict[str, float]:
     """Mean cross-entropy and accuracy (a fraction in [0, 1]) over the whole of (x, y)."""
-    logits = predict_logits(model, x, batch_size, amp)
+    logits = predict_logits(model, x, batch_size, amp, tta)
     return {
         "loss": F.cross_entropy(logits, y).item(),
         "accuracy": (logits.argmax(1) == y).float().mean().item(),
@@ -171,17 +254,39 @@ def current_lr(optimizer: torch.optim.Optimizer) -> float:
 def fit(
     state: TrainState, params: TrainParams, x: torch.Tensor, y: torch.Tensor,
     on_epoch_end: EpochCallback | None = None, on_step: Callable[[], None] | None = None,
+    val: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> list[dict[str, float]]:
-    """Train from state.epoch + 1 to params.epochs; return the whole per-epoch history."""
+    """Train from state.epoch + 1 to params.epochs; return the whole per-epoch history.
+
+    With a validation split `val`, each epoch also reports val_loss and val_accuracy (of the
+    network that would be exported), and `select_best` keeps the best epoch in state.best.
+    """
+    if x.device.type == "cpu":
+        tune_cpu_allocator()  # bit-identical, faster: no page faults for each step's tensors
     step_fn = torch.compile(state.model) if params.compile else None
+    augment = None
+    if params.augment:
+        def augment(xb: torch.Tensor) -> torch.Tensor:
+            return random_affine(xb, state.generator, params.augment_shift,
+                                 params.augment_rotate, params.augment_scale)
     for epoch in range(state.epoch + 1, params.epochs + 1):
         start = time.perf_counter()
         metrics = train_one_epoch(
             state.model, state.optimizer, x, y, params.batch_size, state.generator,
-            params.amp, on_step, step_fn,
+            params.amp, on_step, step_fn, augment=augment,
+            label_smoothing=params.label_smoothing, batch_scheduler=state.batch_scheduler,
+            ema=state.ema,
         )
+        if val is not None:
+            scores = evaluate(state.eval_model(), *val, params.eval_batch_size, params.amp)
+            metrics.update(val_loss=scores["loss"], val_accuracy=scores["accuracy"])
+            if params.select_best and (state.best is None
+                                       or scores["accuracy"] > state.best["val_accuracy"]):
+                state.best = {"epoch": epoch, "val_accuracy": scores["accuracy"], "state": {
+                    k: v.detach().clone() for k, v in state.eval_model().state_dict().items()}}
         if state.scheduler is not None:
-            key = "last_batch_loss" if params.plateau_loss == "last_batch" else "train_loss"
+            key = {"last_batch": "last_batch_loss", "epoch_mean": "train_loss",
+                   "val_loss": "val_loss"}[params.plateau_loss]
             state.scheduler.step(metrics[key])
         metrics["lr"] = current_lr(state.optimizer)
         metrics["epoch_seconds"] = time.perf_counter() - start
@@ -190,3 +295,13 @@ def fit(
         if on_epoch_end is not None:
             on_epoch_end(epoch, metrics)
     return state.history
+
+
+def final_model(state: TrainState) -> nn.Module:
+    """The trained network to report and export: the best epoch's when one was kept."""
+    net = state.eval_model()
+    if state.best is None:
+        return net
+    best = copy.deepcopy(net)
+    best.load_state_dict(state.best["state"])
+    return best

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint, restore, save_checkpoint
 from .data import SPLITS, load_split
+from .errors import PipelineError
 from .io import write_bytes, write_json
 from .params import TrainParams, to_dict
 from .registry import deployable, log_and_register
@@ -26,6 +28,7 @@ from .train import (
     build_state,
     configure_determinism,
     evaluate,
+    final_model,
     fit,
     to_tensor,
 )
@@ -65,22 +68,33 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
 
 
 def epoch_line(epoch: int, metrics: Mapping[str, float]) -> str:
+    val = (f", Val: {metrics['val_accuracy']:.4f}" if "val_accuracy" in metrics else "")
     return (f"Epoch: {epoch}, Loss: {metrics['train_loss']:.6f}, LR: {metrics['lr']:.3g}, "
-            f"Accuracy: {metrics['train_accuracy']:.4f}, Time: {metrics['epoch_seconds']:.1f} s")
+            f"Accuracy: {metrics['train_accuracy']:.4f}{val}, "
+            f"Time: {metrics['epoch_seconds']:.1f} s")
+
+
+def split_validation(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, validation indices): `size` images carved out of n by `seed`."""
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[size:]), np.sort(order[:size])
 
 
 def _tensors(params: TrainParams, raw_dir: Path, mean: float, std: float,
-             device: torch.device) -> tuple[torch.Tensor, ...]:
-    """(x, y, x_test, y_test) on `device`, normalised with the training statistics."""
-    train_images, train_labels = load_split(raw_dir, "train")
-    test_images, test_labels = load_split(raw_dir, "test")
+             device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{"train", "test"[, "val"]}: (x, y) on `device`, normalised with the training stats."""
+    images, labels = load_split(raw_dir, "train")
     if params.train_subset:
-        train_images = train_images[: params.train_subset]
-        train_labels = train_labels[: params.train_subset]
-    return (to_tensor(train_images, mean, std, device, params.channels_last),
-            torch.from_numpy(train_labels).to(device),
-            to_tensor(test_images, mean, std, device, params.channels_last),
-            torch.from_numpy(test_labels).to(device))
+        images, labels = images[: params.train_subset], labels[: params.train_subset]
+    parts = {"train": (images, labels), "test": load_split(raw_dir, "test")}
+    if params.val_size:
+        if params.val_size >= len(images):
+            raise PipelineError(f"params: train.val_size: {params.val_size} leaves no "
+                                f"training images out of {len(images)}")
+        keep, held = split_validation(len(images), params.val_size, params.seed)
+        parts["train"], parts["val"] = (images[keep], labels[keep]), (images[held], labels[held])
+    return {name: (to_tensor(im, mean, std, device, params.channels_last),
+                   torch.from_numpy(lab).to(device)) for name, (im, lab) in parts.items()}
 
 
 def _resume_point(path: Path | None, fingerprint: str, print_fn: Callable[[str], None]
@@ -95,7 +109,12 @@ def _resume_point(path: Path | None, fingerprint: str, print_fn: Callable[[str],
     return payload
 
 
-EPOCH_METRICS = ("train_loss", "train_accuracy", "lr", "epoch_seconds")
+EPOCH_METRICS = ("train_loss", "train_accuracy", "lr", "epoch_seconds", "val_loss",
+                 "val_accuracy")
+
+
+def _epoch_metrics(row: Mapping[str, float]) -> dict[str, float]:
+    return {k: row[k] for k in EPOCH_METRICS if k in row}
 
 
 def run_training(
@@ -108,7 +127,8 @@ def run_training(
     set, save weights and metrics, log and register the model."""
     tracker = tracker or NullTracker()
     mean, std = float(stats["mean"]), float(stats["std"])
-    x, y, x_test, y_test = _tensors(params, raw_dir, mean, std, device)
+    data = _tensors(params, raw_dir, mean, std, device)
+    (x, y), (x_test, y_test) = data["train"], data["test"]
     md5s = file_md5s([raw_dir / name for split in SPLITS.values() for name in split])
     fingerprint = params_hash({**to_dict(params), "stats": [mean, std], "data": md5s})
     determinism = configure_determinism(device, params.cuda_deterministic)
@@ -118,7 +138,7 @@ def run_training(
         "params_hash": params_hash(to_dict(params)),
         **(tags or {}),
     }
-    state: TrainState = build_state(params, device)
+    state: TrainState = build_state(params, device, len(x) // params.batch_size)
     resume = _resume_point(outputs.checkpoint, fingerprint, print_fn)
     if resume is not None:
         restore(state, resume)
@@ -131,7 +151,7 @@ def run_training(
         logged = tracker.logged_steps("train_loss")
         for row in state.history:  # epochs finished before a kill but never logged
             if row["epoch"] not in logged:
-                tracker.log_metrics({k: row[k] for k in EPOCH_METRICS}, step=row["epoch"])
+                tracker.log_metrics(_epoch_metrics(row), step=row["epoch"])
 
         def checkpoint(complete: bool = False) -> None:
             if outputs.checkpoint is not None:
@@ -140,29 +160,35 @@ def run_training(
         def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
             checkpoint()  # first: a kill after this line loses nothing
             print_fn(epoch_line(epoch, metrics))
-            tracker.log_metrics({k: metrics[k] for k in EPOCH_METRICS}, step=epoch)
+            tracker.log_metrics(_epoch_metrics(metrics), step=epoch)
 
         checkpoint()  # records the run id before the first epoch
-        history = fit(state, params, x, y, on_epoch_end, on_step)
+        history = fit(state, params, x, y, on_epoch_end, on_step, data.get("val"))
         duration = time.perf_counter() - started
-        test = evaluate(state.model, x_test, y_test, params.eval_batch_size, params.amp)
+        net = final_model(state)
+        if state.best is not None:
+            tracker.log_metrics({"best_epoch": state.best["epoch"]})
+            print_fn(f"Best epoch on validation: {state.best['epoch']} "
+                     f"({state.best['val_accuracy']:.4%})")
+        test = evaluate(net, x_test, y_test, params.eval_batch_size, params.amp, params.tta)
         tracker.log_metrics({"test_accuracy": test["accuracy"], "test_loss": test["loss"]})
         print_fn(f"Test accuracy: {test['accuracy']:.4%}, test loss: {test['loss']:.4f}")
 
-        save_weights(state.model, outputs.weights)
+        save_weights(net, outputs.weights)
         metrics = {
             "train_loss": history[-1]["train_loss"], "test_accuracy": test["accuracy"],
             "test_loss": test["loss"], "epochs": params.epochs,
             "duration_seconds": round(duration, 3), "device": device.type,
         }
-        write_json(outputs.history, [{"epoch": row["epoch"], **{k: row[k] for k in EPOCH_METRICS}}
+        write_json(outputs.history, [{"epoch": row["epoch"], **_epoch_metrics(row)}
                                      for row in history])
         run_info: dict[str, Any] = {"run_id": tracker.run_id}
         if tracker.run_id is not None:
             pixels = (x_test[:2].float().cpu() * std + mean).clamp(0, 1).contiguous().numpy()
             try:
+                tracker.log_artifact(outputs.weights, "weights")  # for ensembles
                 registered = log_and_register(
-                    deployable(state.model, mean, std), pixels, params.registered_model,
+                    deployable(net, mean, std, params.tta), pixels, params.registered_model,
                     tracker.run_id,
                 )
             except Exception as exc:  # the store went away: keep everything for a re-run

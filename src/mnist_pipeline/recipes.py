@@ -1,0 +1,55 @@
+"""Named recipes: YAML files of params overrides (recipes/*.yaml), validated like params.yaml.
+
+    python -m mnist_pipeline.recipes recipes/best-single.yaml   # prints `-S key=value` flags
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import run_stage
+from .params import SECTIONS, ParamsError, parse_section
+
+
+def load_recipe(path: str | Path, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The recipe's overrides {section: {key: value}}, checked against the params schema."""
+    import yaml
+
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ParamsError(f"recipe {path}: cannot read it: {exc}") from None
+    for section, overrides in doc.items():
+        if section not in SECTIONS:
+            raise ParamsError(f"recipe {path}: {section}: unknown section")
+        parse_section(section, {**(base or {}).get(section, {}), **overrides},
+                      SECTIONS[section])
+    return doc
+
+
+def apply_recipe(params: Any, overrides: dict[str, Any], section: str = "train") -> Any:
+    """`params` (a section's dataclass) with the recipe's overrides of that section."""
+    merged = {**dataclasses.asdict(params), **overrides.get(section, {})}
+    return parse_section(section, merged, type(params))
+
+
+def set_flags(recipe: dict[str, Any]) -> list[str]:
+    """`dvc exp run` flags that apply the recipe: -S section.key=value ..."""
+    flags = []
+    for section, overrides in recipe.items():
+        for key, value in overrides.items():
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+            flags += ["-S", f"{section}.{key}={text}"]
+    return flags
+
+
+def main() -> None:
+    print(" ".join(set_flags(load_recipe(sys.argv[1]))))
+
+
+if __name__ == "__main__":
+    run_stage(main)
