@@ -210,3 +210,28 @@ def test_mlflow_models_serve_predicts(pipeline, promotions):
         assert (predictions.argmax(1) == labels).mean() >= 0.95
     finally:
         _stop(server)
+
+
+def test_ensemble_of_two_versions_is_one_servable_model(pipeline, promotions, run_info,
+                                                       digit_files):
+    import mlflow
+
+    repo, env, _ = pipeline
+    v1 = run_info["version"]
+    done = run([CLI, "ensemble", "--versions", str(v1), str(v1 + 1)], repo, env)
+    assert "Registered models:/mnist-cnn-ensemble/1" in done.stdout
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
+    images, _ = load_real("t10k", 16)
+    pixels = images[:, None].astype(np.float32) / 255.0
+    members = [mlflow.pyfunc.load_model(f"models:/mnist-cnn/{v}").predict(pixels)
+               for v in (v1, v1 + 1)]
+    ensemble = mlflow.pyfunc.load_model("models:/mnist-cnn-ensemble/1").predict(pixels)
+    np.testing.assert_allclose(ensemble, np.mean(members, axis=0), atol=1e-5)
+
+    files, _, _ = digit_files
+    predicted = run([CLI, "predict", "--json", "--model", "models:/mnist-cnn-ensemble/1",
+                     str(files[0])], repo, env)
+    assert json.loads(predicted.stdout)["digit"] in range(10)
+    listed = run([CLI, "models", "--name", "mnist-cnn-ensemble", "--json"], repo, env).stdout
+    assert json.loads(listed.splitlines()[0])["test_accuracy"] > 0.5

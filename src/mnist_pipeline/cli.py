@@ -4,6 +4,7 @@
     mnist-pipeline promote [--version N | --run-id ID] [--force --reason TEXT]
     mnist-pipeline rollback                    # alias back to the previous champion
     mnist-pipeline history                     # every alias move, oldest first
+    mnist-pipeline ensemble --versions 4 5 6   # one model averaging several versions
     mnist-pipeline predict IMAGE... [--model URI] [--json]
 
 The store is $MLFLOW_TRACKING_URI, else ./mlruns (as the pipeline's train stage uses it).
@@ -76,12 +77,16 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_lines(rows: list[dict[str, Any]]) -> int:
+    for row in rows:
+        print(json.dumps(row, sort_keys=True))
+    return 0
+
+
 def cmd_history(args: argparse.Namespace) -> int:
     entries = registry.history(_client(args), args.name)
     if args.json:
-        for entry in entries:
-            print(json.dumps(entry, sort_keys=True))
-        return 0
+        return _json_lines(entries)
     if not entries:
         print(f"no alias has been moved on {args.name} yet")
     for e in entries:
@@ -94,9 +99,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     rows = registry.list_versions(_client(args), args.name)
     if args.json:
-        for row in rows:
-            print(json.dumps(row, sort_keys=True))
-        return 0
+        return _json_lines(rows)
     print(f"{'version':>7}  {'aliases':<16} {'test acc':>9}  {'created':<25} run")
     for r in rows:
         acc = f"{r['test_accuracy']:.4%}" if r["test_accuracy"] is not None else "-"
@@ -124,6 +127,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if failed:
         print(f"{failed} of {len(args.images)} file(s) could not be read", file=sys.stderr)
     return 1 if failed else 0
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from .ensemble import build_ensemble
+    from .tracking import MlflowTracker
+
+    uri, artifacts = resolve_tracking(os.environ, Path.cwd())
+    _client(args)
+    target = args.ensemble_name or f"{args.name}-ensemble"
+    result = build_ensemble(MlflowTracker(uri, target, artifacts), args.name, args.versions,
+                            target, args.raw)
+    members = ", ".join(f"v{v} {a:.4%}" for v, a in zip(args.versions,
+                                                        result["member_accuracy"], strict=True))
+    print(f"Registered {result['registry_uri']}: test accuracy "
+          f"{result['test_accuracy']:.4%} (members: {members})")
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -156,6 +175,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p = add("models", cmd_models, "List the versions with their aliases, accuracy and run.")
     p.add_argument("--json", action="store_true")
+
+    p = add("ensemble", cmd_ensemble,
+            "Register the ensemble (averaged probabilities) of several versions as one model.")
+    p.add_argument("--versions", type=int, nargs="+", required=True)
+    p.add_argument("--ensemble-name", help="registered name (default: <name>-ensemble)")
+    p.add_argument("--raw", type=Path, default=Path("data/raw"), help="MNIST IDX folder")
 
     p = add("predict", cmd_predict, "Predict the digit in each image file.")
     p.add_argument("images", nargs="+", type=Path)
