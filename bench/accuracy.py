@@ -50,7 +50,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/out/accuracy"))
     parser.add_argument("--json", type=Path, help="write the results as JSON too")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = select_device(args.device)
     stats = read_json(args.stats)

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(f"--{name}", type=Path, required=True)
     parser.add_argument("--checkpoint", type=Path, help="resumable state, written every epoch")
     parser.add_argument("--device", default=os.environ.get("MNIST_DEVICE", "auto"))
-    parser.add_argument("--threads", type=int, default=int(os.environ.get("MNIST_THREADS", 0)))
+    parser.add_argument("--threads", type=int, default=os.environ.get("MNIST_THREADS", "0"))
     args = parser.parse_args(argv)
 
     params = load_params(args.params, "train")
@@ -51,19 +51,22 @@ def main(argv: list[str] | None = None) -> None:
         k: os.environ[k] for k in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV") if k in os.environ}}
     print(f"Training on {device} ({torch.get_num_threads()} CPU threads); tracking at {uri}")
 
+    # a progress bar within each epoch, only when a person is watching
     progress = None
     if sys.stderr.isatty():
         from tqdm import tqdm
 
-        progress = tqdm(total=(60000 // params.batch_size), leave=False, unit="batch")
+        progress = tqdm(leave=False, unit="batch")
+
+    def show(line: str) -> None:
+        if progress is not None:
+            progress.reset()
+        print(line, flush=True)
+
     outputs = TrainOutputs(args.weights, args.metrics, args.history, args.run_info,
                            args.checkpoint)
-    run_training(
-        params, args.raw, stats, outputs, device, tracker, tags,
-        print_fn=lambda line: (progress.reset() if progress else None, print(line, flush=True)),
-        on_step=progress.update if progress else None,
-    )
-
+    run_training(params, args.raw, stats, outputs, device, tracker, tags, print_fn=show,
+                 on_step=progress.update if progress is not None else None)
 
 if __name__ == "__main__":
     run_stage(main)
