@@ -100,3 +100,28 @@ def test_missing_file(tmp_path):
 def test_params_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         TrainParams().lr = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("stage, section, key, value, fault", [
+    ("train", "train", "lr", "fast", "train.lr: expected a number > 0"),
+    ("train", "train", "epochs", 0, "train.epochs: expected an integer >= 1"),
+    ("train", "train", "optimiser", "adam", "train.optimiser: unknown key"),
+    ("evaluate", "evaluate", "batch_size", -5, "evaluate.batch_size"),
+])
+def test_stages_refuse_bad_params_before_any_work(tmp_path, stage, section, key, value, fault):
+    import subprocess
+    import sys
+
+    doc = yaml.safe_load((ROOT / "params.yaml").read_text())
+    doc[section][key] = value
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc))
+    paths = {"train": ["--raw", "x", "--stats", "x", "--weights", "w", "--metrics", "m",
+                       "--history", "h", "--run-info", "r"],
+             "evaluate": ["--raw", "x", "--run-info", "r", "--metrics", "m", "--confusion",
+                          "c", "--misclassified", "p"]}[stage]
+    done = subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py"), "--params",
+                           str(tmp_path / "params.yaml"), *paths], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and fault in done.stderr
+    assert "Traceback" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written

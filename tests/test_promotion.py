@@ -43,7 +43,9 @@ def promotions(pipeline, run_info, client):
     cli("promote_v1", "promote")
     steps["tags_v1"] = client.get_model_version("mnist-cnn", str(run_info["version"])).tags
     # a second, worse version (above the floor, below the champion): 2,000 images only
-    steps["second_run"] = run(["dvc", "exp", "run", "-S", "train.train_subset=2000"], repo, env)
+    steps["second_run"] = run(["dvc", "exp", "run", "-S", "train.train_subset=2000",
+                               "-S", "train.val_size=0", "-S", "train.select_best=false"],
+                              repo, env)
     cli("worse_refused", "promote")  # default candidate is now the new version
     cli("force_without_reason", "promote", "--force")
     cli("forced", "promote", "--force", "--reason", "testing a forced promotion")
