@@ -35,15 +35,16 @@ def bench():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A raw folder with 400 training and 200 test images, and an environment in which
-    `import yaml`, `import mlflow` and `import dvc` fail, in the script and its children."""
+    """A mirror-like folder (.gz) with 400 training and 200 test images, and an environment
+    in which `import yaml`, `import mlflow` and `import dvc` fail, in the script and its
+    children."""
     base = tmp_path_factory.mktemp("bench")
     raw = base / "raw"
     raw.mkdir()
     for split, n in (("train", 400), ("t10k", 200)):
         images, labels = load_real(split, n)
-        write_idx(raw / f"{split}-images-idx3-ubyte", images)
-        write_idx(raw / f"{split}-labels-idx1-ubyte", labels.astype(np.uint8))
+        write_idx(raw / f"{split}-images-idx3-ubyte.gz", images, compress=True)
+        write_idx(raw / f"{split}-labels-idx1-ubyte.gz", labels.astype(np.uint8), compress=True)
     blocker = base / "site"
     blocker.mkdir()
     (blocker / "sitecustomize.py").write_text(
@@ -107,3 +108,12 @@ def test_variant_tokens_combine_into_train_params(bench):
     params = bench.variant_params("fused+channels_last+bf16")
     assert (params.fused_optimizer, params.channels_last, params.amp) == (True, True, "bf16")
     assert bench.variant_params("default") == TrainParams()
+
+
+def test_raw_folder_may_be_decompressed_or_gz_and_nothing_else(bench, tiny, tmp_path):
+    raw, _ = tiny
+    plain = bench.resolve_raw(raw, tmp_path)  # the .gz files, decompressed into tmp_path
+    assert plain == tmp_path / "raw" and (plain / "t10k-labels-idx1-ubyte").stat().st_size == 208
+    assert bench.resolve_raw(plain, tmp_path / "other") == plain  # used where it is
+    with pytest.raises(SystemExit, match="neither the MNIST IDX files nor .gz"):
+        bench.resolve_raw(tmp_path / "other", tmp_path)

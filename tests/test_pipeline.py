@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from mnist_pipeline.model import DeployableModel, MnistCNN
 
@@ -82,7 +83,9 @@ def test_mlflow_run_is_complete(pipeline, client, run_info):
     repo, _, _ = pipeline
     mlrun = client.get_run(run_info["run_id"])
     assert mlrun.info.status == "FINISHED"
-    assert mlrun.data.params["epochs"] == "1" and mlrun.data.params["lr"] == "0.001"
+    defaults = yaml.safe_load((repo / "params.yaml").read_text())["train"]
+    assert mlrun.data.params["epochs"] == "1"
+    assert float(mlrun.data.params["lr"]) == defaults["lr"]
     assert float(mlrun.data.params["stats.mean"]) == pytest.approx(0.1307, abs=1e-4)
     for key in ("train_loss", "lr", "epoch_seconds", "train_accuracy"):
         points = client.get_metric_history(run_info["run_id"], key)

@@ -22,7 +22,7 @@ from mnist_pipeline.train_workflow import TrainOutputs, run_training
 from .conftest import ROOT, VENV_BIN, clean_env, mnist_mirror, run
 
 pytestmark = pytest.mark.e2e
-PARAMS = {"epochs": 3, "train_subset": 3000, "batch_size": 100}
+PARAMS = {"epochs": 3, "train_subset": 3000, "batch_size": 100, "val_size": 500}
 
 
 @pytest.fixture(scope="module")
