@@ -20,12 +20,27 @@ from mnist_pipeline.params import (
 from .conftest import ROOT
 
 
-def test_repository_params_load_and_match_the_reference_recipe():
-    train = load_params(ROOT / "params.yaml", "train")
+def test_reference_recipe_is_the_blog_posts():
+    from mnist_pipeline.recipes import apply_recipe, load_recipe
+
+    base = load_params(ROOT / "params.yaml", "train")
+    train = apply_recipe(base, load_recipe(ROOT / "recipes" / "reference.yaml"))
     assert (train.epochs, train.batch_size, train.lr, train.optimizer) == (20, 100, 0.001, "adam")
     assert train.scheduler == "plateau"
     assert (train.plateau_threshold, train.plateau_patience) == (0.1, 1)
     assert train.plateau_loss == "last_batch" and train.amp == "none"
+    assert not (train.val_size or train.augment or train.ema_decay or train.tta
+                or train.label_smoothing)
+    # the dataclass defaults are the reference recipe too
+    assert train == dataclasses.replace(TrainParams(), seed=train.seed)
+
+
+def test_default_params_are_the_best_single_recipe():
+    from mnist_pipeline.recipes import load_recipe
+
+    doc = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for key, value in load_recipe(ROOT / "recipes" / "best-single.yaml")["train"].items():
+        assert doc["train"][key] == value, key
     assert isinstance(load_params(ROOT / "params.yaml", "evaluate"), EvaluateParams)
     assert load_params(ROOT / "params.yaml", "promote").min_accuracy == 0.995
 
