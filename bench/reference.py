@@ -56,7 +56,7 @@ def reference_epoch(
     images = 0
     loss = torch.zeros(())
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     for step, (image, label) in enumerate(loader):
         if max_steps is not None and step >= max_steps:
@@ -69,7 +69,7 @@ def reference_epoch(
         images += len(x)
     last_loss = loss.item()  # waits for the device, as the published print does
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     return time.perf_counter() - start, images, last_loss
 
 

@@ -1,27 +1,34 @@
 """Benchmark the project's training path against the reference loop, on one machine.
 
-In one process, alternating when repeated, runs (a) the reference loop as published
+One invocation runs, alternating when repeated, (a) the reference loop as published
 (bench/reference.py: torchvision MNIST with ToTensor + Normalize, DataLoader(batch_size=100,
 shuffle=True), the same CNN, Adam, ReduceLROnPlateau) and (b) the project's path (to_tensor,
-build_state, fit -> train_one_epoch, evaluate from `mnist_pipeline.train`) in one or more
-variants of the speed options of `TrainParams`, for the same number of epochs. Prints seconds
-per epoch, images per second, project/reference and the test accuracy each reached; `--json`
-writes the same numbers. Needs only torch, torchvision and numpy (no mlflow, dvc or PyYAML).
+configure_determinism, build_state, fit, evaluate from `mnist_pipeline.train`) with the field
+defaults of `TrainParams` - the reference recipe, so the same numerics (not params.yaml's
+recipe) - in one or more variants of its speed options, for the same number of epochs; prints
+seconds per epoch, images per second, project/reference and the test accuracy each reached.
+Every timed run is a fresh child process, so that no run inherits another's allocator state,
+global flags or caches; each child first runs a few untimed warm-up steps (for `compile`, the
+compilation: reported as warm-up seconds). `--json` writes the same numbers. Needs only torch,
+torchvision and numpy (no mlflow, dvc or PyYAML).
 
   python bench/train_speed.py --device cpu --epochs 1 --json bench/out/cpu.json
   python bench/train_speed.py --device cpu --steps 100 --repeats 3 --variant default \
       --variant fused --variant fused+channels_last
-  python bench/train_speed.py --device cuda --repeats 3   # also: time to 99.5% (--recipe)
+  python bench/train_speed.py --device cuda --repeats 3 --variant default --variant bf16
+      (on CUDA also the whole recipe per variant: time to 99.5% test accuracy; see --recipe)
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,13 +37,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.utils.deterministic
 
 ROOT = Path(__file__).resolve().parents[1]
 # Measure this checkout's code, installed or not (the GPU machine has no editable install).
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "bench")]
 
-from mnist_pipeline.data import load_split  # noqa: E402
+from mnist_pipeline.data import SPLITS, load_split  # noqa: E402
+from mnist_pipeline.model import MnistCNN  # noqa: E402
 from mnist_pipeline.params import TrainParams  # noqa: E402
 from mnist_pipeline.train import (  # noqa: E402
     build_state,
@@ -45,7 +52,7 @@ from mnist_pipeline.train import (  # noqa: E402
     fit,
     to_tensor,
 )
-from reference import reference_epoch, reference_loaders, train_reference  # noqa: E402
+from reference import LEARNING_RATE, reference_epoch, reference_loaders, train_reference  # noqa: E402
 
 # Variant tokens -> TrainParams overrides; join tokens with '+' ("fused+channels_last").
 TOKENS: dict[str, dict[str, Any]] = {
@@ -57,6 +64,7 @@ TOKENS: dict[str, dict[str, Any]] = {
     "nondeterministic": {"cuda_deterministic": False},
 }
 TARGET_ACCURACY = 0.995
+RESULT_MARK = "BENCH-RESULT "  # the child's one line of JSON on stdout
 
 
 def parse_variant(name: str) -> dict[str, Any]:
@@ -64,10 +72,14 @@ def parse_variant(name: str) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     for token in name.split("+"):
         if token not in TOKENS:
-            raise argparse.ArgumentTypeError(
+            raise ValueError(
                 f"unknown variant token {token!r}; use {', '.join(TOKENS)} joined by '+'")
         overrides.update(TOKENS[token])
     return overrides
+
+
+def variant_params(name: str) -> TrainParams:
+    return dataclasses.replace(TrainParams(), **parse_variant(name))
 
 
 def cpu_model() -> str:
@@ -100,116 +112,87 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@dataclasses.dataclass
-class Data:
-    """The project's tensors on the device (one copy per memory format) and the loaders."""
-
-    device: torch.device
-    images: np.ndarray
-    labels: torch.Tensor
-    test_images: np.ndarray
-    test_labels: torch.Tensor
-    mean: float
-    std: float
-    loaders: tuple
-    cache: dict = dataclasses.field(default_factory=dict)
-
-    def tensors(self, channels_last: bool) -> tuple[torch.Tensor, ...]:
-        """(x, y, x_test, y_test) on the device, normalised as the pipeline does."""
-        if channels_last not in self.cache:
-            self.cache[channels_last] = (
-                to_tensor(self.images, self.mean, self.std, self.device, channels_last),
-                self.labels, to_tensor(self.test_images, self.mean, self.std, self.device,
-                                       channels_last), self.test_labels)
-        return self.cache[channels_last]
+def global_flags() -> dict[str, Any]:
+    """The settings that the timings depend on, as the run left them."""
+    return {
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "threads": torch.get_num_threads(),
+    }
 
 
-def load_data(raw_dir: Path, stats_path: Path, device: torch.device, scratch: Path) -> Data:
-    images, labels = load_split(raw_dir, "train")
-    test_images, test_labels = load_split(raw_dir, "test")
-    if stats_path.is_file():
-        stats = json.loads(stats_path.read_text())
+def resolve_raw(raw_dir: Path, scratch: Path) -> Path:
+    """`raw_dir` if it holds the four decompressed IDX files; else their .gz files from it,
+    decompressed into `scratch` (so that a mirror such as ../shared/mnist will do)."""
+    names = [name for split in SPLITS.values() for name in split]
+    if all((raw_dir / name).is_file() for name in names):
+        return raw_dir
+    if not all((raw_dir / f"{name}.gz").is_file() for name in names):
+        raise SystemExit(f"train_speed: {raw_dir} holds neither the MNIST IDX files nor .gz")
+    out = scratch / "raw"
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (out / name).write_bytes(gzip.decompress((raw_dir / f"{name}.gz").read_bytes()))
+    return out
+
+
+# --- one run, in a child process -------------------------------------------------------------
+
+def project_tensors(
+    args: argparse.Namespace, params: TrainParams, device: torch.device, steps: int,
+) -> tuple[torch.Tensor, ...]:
+    """(x, y, x_test, y_test) on the device as the pipeline makes them; with `steps`, x and y
+    are a fixed random subset of steps x batch_size images (the same every epoch)."""
+    images, labels = load_split(args.raw, "train")
+    test_images, test_labels = load_split(args.raw, "test")
+    if args.stats.is_file():
+        stats = json.loads(args.stats.read_text())
         mean, std = float(stats["mean"]), float(stats["std"])
-    else:  # the same numbers compute-stats writes: pixel mean and std over the training set
+    else:  # what compute-stats writes: the pixel mean and std of the training set
         pixels = images.astype(np.float64) / 255.0
         mean, std = float(pixels.mean()), float(pixels.std())
-    return Data(device, images, torch.from_numpy(labels).to(device), test_images,
-                torch.from_numpy(test_labels).to(device), mean, std,
-                reference_loaders(raw_dir, scratch))
-
-
-def global_flags() -> tuple[bool, bool, bool]:
-    return (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
-            torch.utils.deterministic.fill_uninitialized_memory)
-
-
-def set_global_flags(flags: tuple[bool, bool, bool]) -> None:
-    """Undo configure_determinism, so that the reference runs with torch's defaults."""
-    torch.use_deterministic_algorithms(flags[0])
-    torch.backends.cudnn.benchmark = flags[1]
-    torch.utils.deterministic.fill_uninitialized_memory = flags[2]
-
-
-def project_inputs(data: Data, params: TrainParams, steps: int) -> tuple[torch.Tensor, ...]:
-    """The training tensors, or with `steps` a fixed random subset of steps x batch images."""
-    x, y, x_test, y_test = data.tensors(params.channels_last)
     if steps:
-        generator = torch.Generator().manual_seed(params.seed)
-        chosen = torch.randperm(len(x), generator=generator)[: steps * params.batch_size]
-        chosen = chosen.to(data.device)
-        x, y = x[chosen], y[chosen]
-        if params.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-    return x, y, x_test, y_test
+        chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(1))
+        chosen = chosen[: steps * params.batch_size].numpy()
+        images, labels = images[chosen], labels[chosen]
+    return (to_tensor(images, mean, std, device, params.channels_last),
+            torch.from_numpy(labels).to(device),
+            to_tensor(test_images, mean, std, device, params.channels_last),
+            torch.from_numpy(test_labels).to(device))
 
 
 def run_project(
-    data: Data, params: TrainParams, epochs: int, steps: int, measure_accuracy: bool = True,
-) -> dict[str, float]:
+    params: TrainParams, tensors: tuple[torch.Tensor, ...], epochs: int, device: torch.device,
+    measure_accuracy: bool = True,
+) -> dict[str, Any]:
     """The pipeline's own path: configure_determinism, build_state, fit, evaluate."""
-    configure_determinism(data.device, params.cuda_deterministic)
-    x, y, x_test, y_test = project_inputs(data, params, steps)
+    x, y, x_test, y_test = tensors
     params = dataclasses.replace(params, epochs=epochs)
-    state = build_state(params, data.device)
-    sync(data.device)
+    configure_determinism(device, params.cuda_deterministic)
+    state = build_state(params, device)
+    sync(device)
     start = time.perf_counter()
     fit(state, params, x, y)
-    sync(data.device)
+    sync(device)
     seconds = time.perf_counter() - start
-    images = epochs * (len(x) // params.batch_size) * params.batch_size
     accuracy = float("nan")
     if measure_accuracy:
         accuracy = evaluate(state.model, x_test, y_test, params.eval_batch_size,
                             params.amp)["accuracy"]
+    images = epochs * (len(x) // params.batch_size) * params.batch_size
     return {"seconds": seconds, "images": images, "test_accuracy": accuracy}
 
 
-def run_reference(data: Data, epochs: int, steps: int, defaults: tuple) -> dict[str, float]:
-    set_global_flags(defaults)
-    return train_reference(data.loaders, data.device, epochs, steps or None)
-
-
-def warm_up(data: Data, params: TrainParams | None, steps: int, defaults: tuple) -> float:
-    """A few untimed steps on a throwaway model (for 'compile': the compilation); seconds."""
-    start = time.perf_counter()
-    if steps and params is None:
-        set_global_flags(defaults)
-        from mnist_pipeline.model import MnistCNN
-
-        model = MnistCNN().to(data.device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
-        reference_epoch(model, optimizer, data.loaders[0], data.device, steps)
-    elif steps and params is not None:
-        run_project(data, params, 1, steps, measure_accuracy=False)
-    return time.perf_counter() - start
-
-
-def run_recipe(data: Data, params: TrainParams, epochs: int, steps: int) -> dict[str, Any]:
-    """The whole recipe through fit, test accuracy after each epoch (not timed): time to 99.5%."""
-    configure_determinism(data.device, params.cuda_deterministic)
-    x, y, x_test, y_test = project_inputs(data, params, steps)
+def run_recipe(
+    params: TrainParams, tensors: tuple[torch.Tensor, ...], epochs: int, device: torch.device,
+) -> dict[str, Any]:
+    """The whole recipe through fit; test accuracy after each epoch (untimed): time to 99.5%."""
+    x, y, x_test, y_test = tensors
     params = dataclasses.replace(params, epochs=epochs)
-    state = build_state(params, data.device)
+    configure_determinism(device, params.cuda_deterministic)
+    state = build_state(params, device)
     accuracies: list[float] = []
 
     def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
@@ -228,60 +211,125 @@ def run_recipe(data: Data, params: TrainParams, epochs: int, steps: int) -> dict
     }
 
 
-def benchmark(
-    data: Data, variants: list[str], args: argparse.Namespace, defaults: tuple
-) -> tuple[dict[str, list[dict]], dict[str, float]]:
-    """Warm every row up once, then run them `repeats` times, alternating (ABBA order)."""
-    base = TrainParams()
-    params = {v: dataclasses.replace(base, **parse_variant(v)) for v in variants}
+def epoch_images(raw_dir: Path, batch_size: int = 100) -> int:
+    """Images in one whole epoch (the last short batch dropped), from the labels' header."""
+    count = int.from_bytes((raw_dir / "train-labels-idx1-ubyte").read_bytes()[4:8], "big")
+    return count // batch_size * batch_size
+
+
+def cpu_share(cpu_start: float, wall_start: float) -> float:
+    """CPU seconds used per wall second and thread since the starts: well below 1 on an
+    otherwise idle CPU means that something else was running (the timings suffered)."""
+    wall = (time.perf_counter() - wall_start) * torch.get_num_threads()
+    return (time.process_time() - cpu_start) / wall
+
+
+def child_project(args: argparse.Namespace, row: str, device: torch.device) -> dict[str, Any]:
+    recipe = row.startswith("recipe:")
+    params = variant_params(row.removeprefix("recipe:"))
+    start = time.perf_counter()
+    if args.warmup:  # untimed, on a throwaway model; for 'compile', the compilation
+        run_project(params, project_tensors(args, params, device, args.warmup), 1, device,
+                    measure_accuracy=False)
+    warmup = time.perf_counter() - start
+    tensors = project_tensors(args, params, device, args.steps)
+    cpu, wall = time.process_time(), time.perf_counter()
+    if recipe:
+        result = run_recipe(params, tensors, args.recipe_epochs, device)
+    else:
+        result = run_project(params, tensors, args.epochs, device)
+    return {**result, "warmup_seconds": warmup, "epoch_images": epoch_images(args.raw),
+            "cpu_share": cpu_share(cpu, wall)}
+
+
+def child_reference(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="mnist-tv-") as scratch:
+        loaders = reference_loaders(args.raw, Path(scratch))
+    start = time.perf_counter()
+    if args.warmup:
+        model = MnistCNN().to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
+        reference_epoch(model, optimizer, loaders[0], device, args.warmup)
+    warmup = time.perf_counter() - start
+    cpu, wall = time.process_time(), time.perf_counter()
+    result = train_reference(loaders, device, args.epochs, args.steps or None)
+    return {**result, "warmup_seconds": warmup, "epoch_images": epoch_images(args.raw),
+            "cpu_share": cpu_share(cpu, wall)}
+
+
+def child_main(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child == "reference":
+        result = child_reference(args, device)
+    else:
+        result = child_project(args, args.child, device)
+    print(RESULT_MARK + json.dumps({**result, "flags": global_flags()}), flush=True)
+    return 0
+
+
+# --- the parent: runs the children, alternating, and reports ---------------------------------
+
+def run_child(args: argparse.Namespace, row: str) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", row,
+           "--device", args.device, "--epochs", str(args.epochs), "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--threads", str(args.threads),
+           "--recipe-epochs", str(args.recipe_epochs), "--raw", str(args.raw),
+           "--stats", str(args.stats)]
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith(RESULT_MARK)]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"train_speed: the {row!r} run failed (exit {done.returncode})")
+    return json.loads(lines[-1].removeprefix(RESULT_MARK))
+
+
+def benchmark(args: argparse.Namespace, variants: list[str]) -> dict[str, list[dict]]:
+    """Every row `repeats` times, alternating in ABBA order so that drifts hit all alike."""
     names = ["reference", *variants]
-    warmups = {n: warm_up(data, params.get(n), args.warmup, defaults) for n in names}
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for repeat in range(args.repeats):
         for name in names if repeat % 2 == 0 else names[::-1]:
-            if name == "reference":
-                run = run_reference(data, args.epochs, args.steps, defaults)
-            else:
-                run = run_project(data, params[name], args.epochs, args.steps)
+            run = run_child(args, name)
             runs[name].append(run)
             print(f"[{repeat + 1}/{args.repeats}] {name}: {run['seconds']:.2f} s, "
-                  f"{run['images'] / run['seconds']:.0f} images/s, "
-                  f"accuracy {run['test_accuracy']:.4f}", file=sys.stderr, flush=True)
-    return runs, warmups
+                  f"{run['images'] / run['seconds']:.0f} images/s, accuracy "
+                  f"{run['test_accuracy']:.4f}, warm-up {run['warmup_seconds']:.1f} s",
+                  file=sys.stderr, flush=True)
+    return runs
 
 
-def summarise(
-    name: str, runs: list[dict], warmup: float, reference_ips: float, epoch_images: int
-) -> dict:
-    """One table row: medians over the repeats; seconds per (whole) epoch from the rate."""
+def summarise(name: str, runs: list[dict], reference_ips: float) -> dict[str, Any]:
+    """One table row: medians over the repeats; seconds per whole epoch from the rate."""
     ips = statistics.median(r["images"] / r["seconds"] for r in runs)
     return {
         "name": name,
         "overrides": None if name == "reference" else parse_variant(name),
-        "seconds_per_epoch": epoch_images / ips,
+        "seconds_per_epoch": runs[0]["epoch_images"] / ips,
         "images_per_second": ips,
         "ratio": ips / reference_ips,
         "test_accuracy": statistics.median(r["test_accuracy"] for r in runs),
-        "warmup_seconds": warmup,
+        "warmup_seconds": statistics.median(r["warmup_seconds"] for r in runs),
+        "cpu_share": statistics.median(r["cpu_share"] for r in runs),
         "runs": runs,
     }
 
 
 def make_report(
-    data: Data, runs: dict, warmups: dict, recipe: list | None, args: argparse.Namespace
+    runs: dict[str, list[dict]], recipe: list | None, args: argparse.Namespace,
+    device: torch.device,
 ) -> dict[str, Any]:
-    epoch_images = len(data.images) // 100 * 100
     reference_ips = statistics.median(r["images"] / r["seconds"] for r in runs["reference"])
-    rows = [summarise(n, runs[n], warmups[n], reference_ips, epoch_images) for n in runs]
+    rows = [summarise(name, runs[name], reference_ips) for name in runs]
     accuracy_after = (f"{args.epochs} epoch(s) of {args.steps} steps" if args.steps
                       else f"{args.epochs} full epoch(s)")
     return {
-        "machine": machine_info(data.device),
+        "machine": machine_info(device),
         "settings": {
-            "device": str(data.device), "epochs": args.epochs, "steps": args.steps or None,
+            "device": args.device, "epochs": args.epochs, "steps": args.steps or None,
             "repeats": args.repeats, "warmup_steps": args.warmup, "batch_size": 100,
-            "accuracy_after": accuracy_after, "stats": {"mean": data.mean, "std": data.std},
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "accuracy_after": accuracy_after,
+            "command": " ".join(["bench/train_speed.py", *sys.argv[1:]]),
         },
         "rows": rows,
         "speedup": rows[1]["ratio"],  # the first project variant (default unless named)
@@ -292,27 +340,29 @@ def make_report(
 
 def format_table(report: dict[str, Any]) -> str:
     m, s = report["machine"], report["settings"]
-    device = f"GPU {m['gpu']} (CUDA {m['cuda']})" if "gpu" in m else "CPU"
+    device = f"GPU {m['gpu']} (CUDA {m['cuda']}); " if "gpu" in m else ""
     steps = (f"{s['steps']} steps per epoch, extrapolated to a whole epoch" if s["steps"]
              else "whole epochs")
     lines = [
-        f"machine: {device}; {m['cpu']}, {m['cpu_count']} CPUs, {m['threads']} torch threads; "
+        f"machine: {device}{m['cpu']}, {m['cpu_count']} CPUs, {m['threads']} torch threads; "
         f"torch {m['torch']}, torchvision {m['torchvision']}",
-        f"run: {s['epochs']} epoch(s), {steps}; median of {s['repeats']} alternating repeat(s); "
-        f"test accuracy after {s['accuracy_after']}",
-        f"{'row':<32}{'s/epoch':>9}{'images/s':>10}{'vs ref':>8}{'test acc':>10}{'warm-up s':>11}",
+        f"run: {s['epochs']} epoch(s), {steps}; median of {s['repeats']} alternating "
+        f"repeat(s); test accuracy after {s['accuracy_after']}",
+        f"{'row':<40}{'s/epoch':>9}{'images/s':>10}{'vs ref':>8}{'test acc':>10}"
+        f"{'warm-up s':>11}{'CPU use':>9}",
     ]
     for row in report["rows"]:
         name = row["name"] if row["name"] == "reference" else f"project {row['name']}"
-        lines.append(f"{name:<32}{row['seconds_per_epoch']:>9.2f}{row['images_per_second']:>10.0f}"
-                     f"{row['ratio']:>7.2f}x{row['test_accuracy']:>10.2%}"
-                     f"{row['warmup_seconds']:>11.1f}")
+        lines.append(
+            f"{name:<40}{row['seconds_per_epoch']:>9.2f}{row['images_per_second']:>10.0f}"
+            f"{row['ratio']:>7.2f}x{row['test_accuracy']:>10.2%}{row['warmup_seconds']:>11.1f}"
+            f"{row['cpu_share']:>9.0%}")
     for name, r in zip(report["speedups"], report["recipe"] or [], strict=False):
-        reached = (f"{r['target_accuracy']:.1%} at epoch {r['epoch_reached']} after "
+        reached = (f"{r['target_accuracy']:.1%} at epoch {r['epoch_reached']}, after "
                    f"{r['seconds_to_target']:.1f} s" if r["epoch_reached"]
                    else f"{r['target_accuracy']:.1%} not reached")
         lines.append(f"recipe {name}: {r['epochs']} epochs in {r['train_seconds']:.1f} s of "
-                     f"training, final {r['final_accuracy']:.2%}; {reached}")
+                     f"training (after warm-up), final {r['final_accuracy']:.2%}; {reached}")
     return "\n".join(lines)
 
 
@@ -321,26 +371,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--epochs", type=int, default=1, help="epochs per timed run (default 1)")
     p.add_argument("--steps", type=int, default=0,
-                   help="time only N steps per epoch, extrapolated; accuracy is measured "
-                        "after those steps (default 0: whole epochs)")
+                   help="time only N steps per epoch, extrapolated to a whole epoch; the "
+                        "accuracy is then measured after those steps (default 0: whole epochs)")
     p.add_argument("--repeats", type=int, default=1, help="alternating repeats; medians")
-    p.add_argument("--variant", action="append", type=str,
-                   help=f"project row, tokens joined by '+': {', '.join(TOKENS)} "
+    p.add_argument("--variant", action="append",
+                   help=f"a project row: tokens joined by '+', from {', '.join(TOKENS)} "
                         "(repeatable; default: default)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps per row first")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps before each run")
     p.add_argument("--recipe", action=argparse.BooleanOptionalAction, default=None,
-                   help="also run the whole recipe per variant: time to 99.5%% test accuracy "
+                   help="also train each variant's whole recipe: time to 99.5%% test accuracy "
                         "(default: on for cuda)")
     p.add_argument("--recipe-epochs", type=int, default=TrainParams().epochs)
-    p.add_argument("--raw", type=Path, default=ROOT / "data" / "raw", help="MNIST IDX folder")
-    p.add_argument("--stats", type=Path, default=ROOT / "metrics" / "stats.json")
+    p.add_argument("--raw", type=Path, default=ROOT / "data" / "raw",
+                   help="the MNIST IDX files, decompressed or .gz (default data/raw)")
+    p.add_argument("--stats", type=Path, default=ROOT / "metrics" / "stats.json",
+                   help="mean and std for the project path (computed from the data if absent)")
     p.add_argument("--json", type=Path, help="write the numbers here as JSON")
+    p.add_argument("--child", help=argparse.SUPPRESS)  # one run, for the parent
     args = p.parse_args(argv)
     for variant in args.variant or []:
         try:
             parse_variant(variant)
-        except argparse.ArgumentTypeError as exc:
+        except ValueError as exc:
             p.error(str(exc))
     if min(args.epochs, args.repeats, args.recipe_epochs) < 1 or min(args.steps, args.warmup) < 0:
         p.error("--epochs, --repeats and --recipe-epochs must be >= 1; --steps, --warmup >= 0")
@@ -349,26 +402,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.child:
+        return child_main(args)
     device = torch.device(args.device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            print(f"--device {args.device}: no CUDA GPU is available", file=sys.stderr)
-            return 2
-        # as configure_determinism does, but before any cuBLAS use (the reference runs first)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"train_speed: --device {args.device}: no CUDA GPU is available", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     variants = args.variant or ["default"]
-    defaults = global_flags()
-    with tempfile.TemporaryDirectory(prefix="mnist-tv-") as scratch:
-        data = load_data(args.raw, args.stats, device, Path(scratch))
-        runs, warmups = benchmark(data, variants, args, defaults)
+    with tempfile.TemporaryDirectory(prefix="mnist-bench-") as scratch:
+        args.raw = resolve_raw(args.raw, Path(scratch))
+        runs = benchmark(args, variants)
         recipe = None
         if args.recipe if args.recipe is not None else device.type == "cuda":
-            recipe = [run_recipe(data, dataclasses.replace(TrainParams(), **parse_variant(v)),
-                                 args.recipe_epochs, args.steps) for v in variants]
-    set_global_flags(defaults)
-    report = make_report(data, runs, warmups, recipe, args)
+            recipe = [run_child(args, f"recipe:{v}") for v in variants]
+    report = make_report(runs, recipe, args, device)
     print(format_table(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -85,7 +85,7 @@ def test_bench_writes_the_table_and_json_without_yaml_or_mlflow(tiny, tmp_path):
 
 
 def test_recipe_reports_accuracy_per_epoch_and_when_the_target_was_reached(bench, monkeypatch):
-    images, labels = load_real("train", 300)
+    images, labels = load_real("train", 200)
     x = to_tensor(images, 0.13, 0.31, torch.device("cpu"))
     y = torch.from_numpy(labels)
     params = dataclasses.replace(TrainParams(), batch_size=50)

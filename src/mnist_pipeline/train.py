@@ -53,7 +53,7 @@ def configure_determinism(device: torch.device, cuda_deterministic: bool) -> str
         torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(True)
     # Deterministic mode also fills every new tensor with NaN, a debugging aid that cost
-    # 15-25% of a CPU training step (bench/RESULTS.md); no kernel reads unwritten memory, so
+    # 5-15% of a CPU training step (bench/RESULTS.md); no kernel reads unwritten memory, so
     # the results are bit-identical without it.
     torch.utils.deterministic.fill_uninitialized_memory = False
     return "deterministic"
@@ -62,9 +62,9 @@ def configure_determinism(device: torch.device, cuda_deterministic: bool) -> str
 def tune_cpu_allocator() -> bool:
     """On glibc, keep freed blocks in the heap instead of returning them to the OS; True if so.
 
-    By default each step's large activations are mapped afresh and page-faulted in (about
-    13,000 faults a step here), which costs more than the arithmetic on a small CPU
-    (bench/RESULTS.md). Process-wide and idempotent; numerics are untouched.
+    By default each step's large activations are mapped afresh and page-faulted in (13,000 to
+    19,000 faults a step here): 30-45% of a CPU step (bench/RESULTS.md). Process-wide and
+    idempotent; numerics are untouched.
     """
     try:
         if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
