@@ -123,6 +123,8 @@ def test_registered_model_predicts_like_the_trained_one(pipeline, run_info, batc
     net = MnistCNN()
     net.load_state_dict(torch.load(repo / "models" / "model.pt", weights_only=True))
     stats = json.loads((repo / "metrics" / "stats.json").read_text())
-    expected = DeployableModel(net, stats["mean"], stats["std"]).eval()(torch.from_numpy(pixels))
+    tta = yaml.safe_load((repo / "params.yaml").read_text())["train"]["tta"]
+    expected = DeployableModel(net, stats["mean"], stats["std"], tta).eval()(
+        torch.from_numpy(pixels))
     assert served.shape == (batch, 10)
     np.testing.assert_allclose(served, expected.detach().numpy(), atol=1e-5)
