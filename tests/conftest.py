@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 # What a copy of the project needs to run its pipeline.
 PROJECT_FILES = ("dvc.yaml", "params.yaml", "stages", "src", ".dvc/config", ".dvcignore",
-                 ".gitignore", "pyproject.toml", "mlruns/.gitkeep")
+                 ".gitignore", "pyproject.toml", "mlruns/README.md")
 
 
 def mnist_mirror() -> Path:
