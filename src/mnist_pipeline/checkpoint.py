@@ -40,8 +40,14 @@ def save_checkpoint(path: Path, state: TrainState, run_id: str | None, fingerpri
         "ema": state.ema.state_dict() if state.ema is not None else None,
         "best": state.best,
     }
+    save_state_file(path, payload)
+
+
+def save_state_file(path: Path, obj: Any) -> None:
+    """torch.save, atomically, with a fixed archive name inside the file (so that the same
+    state gives the same bytes whatever the path): the twin of load_state_file."""
     buffer = io.BytesIO()
-    torch.save(payload, buffer)
+    torch.save(obj, buffer)
     write_bytes(path, buffer.getvalue())
 
 

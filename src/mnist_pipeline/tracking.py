@@ -124,8 +124,8 @@ class MlflowTracker(NullTracker):
                     f"the MLflow tracking server {self.uri} is unreachable ({reason}). Start "
                     "it, point MLFLOW_TRACKING_URI at a running one, or unset it to use ./mlruns."
                 ) from None
-        elif self.uri.startswith("sqlite:///"):
-            folder = Path(self.uri.removeprefix("sqlite:///")).parent
+        elif self._sqlite_path() is not None:
+            folder = self._sqlite_path().parent
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
@@ -144,13 +144,19 @@ class MlflowTracker(NullTracker):
     def _store_lock(self) -> Iterator[None]:
         """Serialise first use of a local SQLite store: two runs starting at once (e.g.
         `dvc exp run --run-all -j 2`) would otherwise race to create its tables."""
-        if not self.uri.startswith("sqlite:///"):
+        path = self._sqlite_path()
+        if path is None:
             yield
             return
         from filelock import FileLock
 
-        with FileLock(str(Path(self.uri.removeprefix("sqlite:///")).with_suffix(".lock"))):
+        with FileLock(str(path.with_suffix(".lock"))):
             yield
+
+    def _sqlite_path(self) -> Path | None:
+        """The database file of a local SQLite store, or None for any other store."""
+        prefix = "sqlite:///"
+        return Path(self.uri.removeprefix(prefix)) if self.uri.startswith(prefix) else None
 
     def _get_or_create_experiment(self) -> str:
         import mlflow

@@ -4,7 +4,6 @@ stage's output files out. Kept apart from `train.py` so that the training loop s
 
 from __future__ import annotations
 
-import io
 import platform
 import sys
 import time
@@ -16,10 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint, restore, save_checkpoint
+from .checkpoint import load_checkpoint, restore, save_checkpoint, save_state_file
 from .data import SPLITS, load_split
 from .errors import PipelineError
-from .io import write_bytes, write_json
+from .io import write_json
 from .params import TrainParams, to_dict
 from .registry import deployable, log_and_register
 from .tracking import NullTracker, TrackingError, file_md5s, params_hash
@@ -61,10 +60,8 @@ def environment_tags(device: torch.device, determinism: str, threads: int) -> di
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
     """A plain state_dict on the CPU (contiguous), written atomically."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    buffer = io.BytesIO()  # a fixed archive name inside the file, whatever the path
-    torch.save(state, buffer)
-    write_bytes(path, buffer.getvalue())
+    save_state_file(path, {k: v.detach().cpu().contiguous()
+                           for k, v in model.state_dict().items()})
 
 
 def epoch_line(epoch: int, metrics: Mapping[str, float]) -> str:
