@@ -57,6 +57,8 @@ from reference import LEARNING_RATE, reference_epoch, reference_loaders, train_r
 # Variant tokens -> TrainParams overrides; join tokens with '+' ("fused+channels_last").
 TOKENS: dict[str, dict[str, Any]] = {
     "default": {},
+    # the fp32 defaults turned off: NCHW layout, for-loop Adam (rounding-level differences)
+    "plain": {"channels_last": False, "fused_optimizer": False},
     "fused": {"fused_optimizer": True},
     "channels_last": {"channels_last": True},
     "compile": {"compile": True},

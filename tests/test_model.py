@@ -1,4 +1,5 @@
-"""The reference CNN: shapes, size, and that a training step learns."""
+"""The reference CNN: shapes, size, that a training step learns, and that it computes the
+reference's function and gradients bit for bit."""
 
 from __future__ import annotations
 
@@ -7,6 +8,37 @@ import torch
 import torch.nn.functional as F
 
 from mnist_pipeline.model import DeployableModel, MnistCNN, count_parameters
+from torch import nn
+
+
+def reference_layers() -> nn.Module:
+    """The blog post's network, layer for layer: ReLU before each max-pool, not in place."""
+    def block(c_in: int, c_out: int) -> list[nn.Module]:
+        return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+    class Reference(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(*block(1, 16), *block(16, 32), nn.MaxPool2d(2, 2),
+                                          *block(32, 64), nn.MaxPool2d(2, 2))
+            self.classifier = nn.Sequential(
+                nn.Linear(3136, 128), nn.BatchNorm1d(128), nn.ReLU(),
+                nn.Linear(128, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 10))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.classifier(self.features(x).flatten(1))
+
+    return Reference()
+
+
+def digit_like_batch(n: int, seed: int) -> torch.Tensor:
+    """Normalised images with a constant background (ties in every pooling window) and
+    strokes, like MNIST's."""
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.zeros(n, 1, 28, 28)
+    strokes = torch.rand(n, 1, 16, 16, generator=g)
+    pixels[:, :, 6:22, 6:22] = torch.where(strokes > 0.6, strokes, torch.zeros(()))
+    return (pixels - 0.1307) / 0.3081
 
 
 @pytest.mark.parametrize("batch", [1, 37, 100])
@@ -48,3 +80,35 @@ def test_deployable_model_normalises_and_returns_probabilities():
     probs = wrapped(pixels)
     torch.testing.assert_close(probs.sum(1), torch.ones(5))
     torch.testing.assert_close(probs, torch.softmax(net((pixels - 0.1307) / 0.3081), 1))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_same_function_and_gradients_as_the_reference_layer_order(channels_last):
+    # MnistCNN applies each ReLU after its max-pool and in place (faster); the outputs,
+    # the loss, every parameter's gradient and the BatchNorm running statistics must equal
+    # the reference's bit for bit, through three training steps.
+    torch.manual_seed(0)
+    ours, reference = MnistCNN(), reference_layers()
+    assert list(ours.state_dict()) == list(reference.state_dict())
+    reference.load_state_dict(ours.state_dict())
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    ours, reference = ours.to(memory_format=fmt), reference.to(memory_format=fmt)
+    optimizers = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (ours, reference)]
+    for step in range(3):
+        x = digit_like_batch(32, step).contiguous(memory_format=fmt)
+        y = torch.randint(0, 10, (32,), generator=torch.Generator().manual_seed(step))
+        losses = []
+        for model, optimizer in zip((ours, reference), optimizers):
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model.train()(x), y)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss)
+        assert torch.equal(losses[0], losses[1])
+        for (name, a), b in zip(ours.named_parameters(), reference.parameters()):
+            assert torch.equal(a.grad, b.grad), name
+        for (name, a), b in zip(ours.state_dict().items(), reference.state_dict().values()):
+            assert torch.equal(a, b), name
+    x = digit_like_batch(50, 99).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        assert torch.equal(ours.eval()(x), reference.eval()(x))

@@ -49,7 +49,8 @@ def test_fit_reports_each_epoch_and_learns(subset):
 
 
 @pytest.mark.parametrize("option", [
-    {"channels_last": True}, {"amp": "bf16"}, {"fused_optimizer": True},
+    {"channels_last": False}, {"amp": "bf16"}, {"fused_optimizer": False},
+    {"channels_last": False, "fused_optimizer": False},
     {"optimizer": "adamw"}, {"optimizer": "sgd", "lr": 0.05}, {"scheduler": "none"},
     {"plateau_loss": "epoch_mean"}, {"scheduler": "onecycle", "lr": 0.003},
     {"scheduler": "cosine"}, {"augment": True}, {"ema_decay": 0.9}, {"label_smoothing": 0.1},
@@ -242,3 +243,15 @@ def test_tune_cpu_allocator_applies_on_glibc_only_and_is_idempotent():
     except (AttributeError, OSError, ValueError):
         glibc = False
     assert tune_cpu_allocator() is glibc and tune_cpu_allocator() is glibc
+
+
+def test_fp32_speed_options_are_on_by_default_and_can_be_turned_off():
+    cpu = torch.device("cpu")
+    state = build_state(TrainParams(), cpu)
+    conv = state.model.features[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and conv.dtype == torch.float32
+    assert state.optimizer.defaults["fused"] is True
+    plain = build_state(TrainParams(channels_last=False, fused_optimizer=False), cpu)
+    assert plain.model.features[3].weight.is_contiguous()
+    assert not plain.model.features[3].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not plain.optimizer.defaults["fused"]
