@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: help install repro test test-all lint ui serve exp accuracy bench clean
+.PHONY: help install repro test test-all lint ui serve exp ensemble accuracy bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -42,6 +42,17 @@ serve: install ## Serve models:/mnist-cnn@champion on http://127.0.0.1:5001/invo
 
 exp: install ## Run a named recipe as a DVC experiment: make exp RECIPE=best-single
 	dvc exp run -n $(RECIPE)-$$(date +%H%M%S) $$($(PY) -m mnist_pipeline.recipes recipes/$(RECIPE).yaml)
+
+MEMBERS ?= best-single
+SEEDS ?= 0 1 2 3 4
+SET ?=
+ensemble: install ## The ensemble recipe: MEMBERS=best-single with SEEDS="0 1 2 3 4" (and SET="-S k=v"), averaged, registered
+	stamp=$$(date +%H%M%S); for seed in $(SEEDS); do \
+		dvc exp run --queue -n $(MEMBERS)-seed$$seed-$$stamp \
+			$$($(PY) -m mnist_pipeline.recipes recipes/$(MEMBERS).yaml) -S train.seed=$$seed $(SET) \
+			|| exit 1; done
+	dvc exp run --run-all -j 1
+	mnist-pipeline ensemble --latest $(words $(SEEDS))
 
 accuracy: install ## Train recipes over 3 seeds and print the accuracy table (hours on a CPU)
 	$(PY) bench/accuracy.py --recipe reference --recipe best-single --seeds 0 1 2

@@ -241,3 +241,12 @@ def test_ensemble_of_two_versions_is_one_servable_model(pipeline, promotions, ru
     assert json.loads(predicted.stdout)["digit"] in range(10)
     listed = run([CLI, "models", "--name", "mnist-cnn-ensemble", "--json"], repo, env).stdout
     assert json.loads(listed.splitlines()[0])["test_accuracy"] > 0.5
+
+    # --latest N: the N newest versions (what `make ensemble` uses after its seeds ran)
+    newest = [json.loads(line)["version"] for line in
+              run([CLI, "models", "--json"], repo, env).stdout.splitlines()[:2]]
+    done = run([CLI, "ensemble", "--latest", "2", "--ensemble-name", "mnist-cnn-newest"],
+               repo, env)
+    assert f"(members: v{newest[1]} " in done.stdout and f", v{newest[0]} " in done.stdout
+    refused = run([CLI, "ensemble", "--latest", "1000"], repo, env, check=False)
+    assert refused.returncode != 0 and "not the 1000 asked for" in refused.stderr

@@ -5,6 +5,7 @@
     mnist-pipeline rollback                    # alias back to the previous champion
     mnist-pipeline history                     # every alias move, oldest first
     mnist-pipeline ensemble --versions 4 5 6   # one model averaging several versions
+    mnist-pipeline ensemble --latest 5         # ... averaging the 5 newest versions
     mnist-pipeline predict IMAGE... [--model URI] [--json]
 
 The store is $MLFLOW_TRACKING_URI, else ./mlruns (as the pipeline's train stage uses it).
@@ -134,11 +135,12 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     from .tracking import MlflowTracker
 
     uri, artifacts = resolve_tracking(os.environ, Path.cwd())
-    _client(args)
+    client = _client(args)
+    versions = args.versions or registry.latest_versions(client, args.name, args.latest)
     target = args.ensemble_name or f"{args.name}-ensemble"
-    result = build_ensemble(MlflowTracker(uri, target, artifacts), args.name, args.versions,
+    result = build_ensemble(MlflowTracker(uri, target, artifacts), args.name, versions,
                             target, args.raw)
-    members = ", ".join(f"v{v} {a:.4%}" for v, a in zip(args.versions,
+    members = ", ".join(f"v{v} {a:.4%}" for v, a in zip(versions,
                                                         result["member_accuracy"], strict=True))
     print(f"Registered {result['registry_uri']}: test accuracy "
           f"{result['test_accuracy']:.4%} (members: {members})")
@@ -178,7 +180,10 @@ def parser() -> argparse.ArgumentParser:
 
     p = add("ensemble", cmd_ensemble,
             "Register the ensemble (averaged probabilities) of several versions as one model.")
-    p.add_argument("--versions", type=int, nargs="+", required=True)
+    chosen = p.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("--versions", type=int, nargs="+", help="these versions")
+    chosen.add_argument("--latest", type=int, metavar="N",
+                        help="the N newest versions (e.g. the seeds `make ensemble` just ran)")
     p.add_argument("--ensemble-name", help="registered name (default: <name>-ensemble)")
     p.add_argument("--raw", type=Path, default=Path("data/raw"), help="MNIST IDX folder")
 

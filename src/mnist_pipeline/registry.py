@@ -127,6 +127,16 @@ def _registered(client: Any, name: str) -> Any:
         raise RegistryError(f"no registered model named {name!r} in this store") from None
 
 
+def latest_versions(client: Any, name: str, count: int) -> list[int]:
+    """The `count` newest version numbers of `name`, oldest first."""
+    _registered(client, name)
+    numbers = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+    if len(numbers) < count:
+        raise RegistryError(f"registered model {name!r} has {len(numbers)} version(s), "
+                            f"not the {count} asked for")
+    return numbers[-count:]
+
+
 def version_for_run(client: Any, name: str, run_id: str) -> Any:
     """The version of `name` logged by `run_id`."""
     _registered(client, name)
