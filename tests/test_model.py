@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from mnist_pipeline.model import DeployableModel, MnistCNN, count_parameters
-from torch import nn
 
 
 def reference_layers() -> nn.Module:
@@ -98,16 +98,17 @@ def test_same_function_and_gradients_as_the_reference_layer_order(channels_last)
         x = digit_like_batch(32, step).contiguous(memory_format=fmt)
         y = torch.randint(0, 10, (32,), generator=torch.Generator().manual_seed(step))
         losses = []
-        for model, optimizer in zip((ours, reference), optimizers):
+        for model, optimizer in zip((ours, reference), optimizers, strict=True):
             optimizer.zero_grad()
             loss = F.cross_entropy(model.train()(x), y)
             loss.backward()
             optimizer.step()
             losses.append(loss)
         assert torch.equal(losses[0], losses[1])
-        for (name, a), b in zip(ours.named_parameters(), reference.parameters()):
+        for (name, a), b in zip(ours.named_parameters(), reference.parameters(), strict=True):
             assert torch.equal(a.grad, b.grad), name
-        for (name, a), b in zip(ours.state_dict().items(), reference.state_dict().values()):
+        for (name, a), b in zip(ours.state_dict().items(), reference.state_dict().values(),
+                                strict=True):
             assert torch.equal(a, b), name
     x = digit_like_batch(50, 99).contiguous(memory_format=fmt)
     with torch.no_grad():
