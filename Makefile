@@ -40,25 +40,27 @@ serve: install ## Serve models:/mnist-cnn@champion on http://127.0.0.1:5001/invo
 	MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/mlruns/mlflow.db mlflow models serve \
 		-m models:/mnist-cnn@champion --env-manager local --host $(HOST) --port 5001
 
-exp: install ## Run a named recipe as a DVC experiment: make exp RECIPE=best-single
-	dvc exp run -n $(RECIPE)-$$(date +%H%M%S) $$($(PY) -m mnist_pipeline.recipes recipes/$(RECIPE).yaml)
-
-MEMBERS ?= best-single
-SEEDS ?= 0 1 2 3 4
 SET ?=
-ensemble: install ## The ensemble recipe: MEMBERS=best-single with SEEDS="0 1 2 3 4" (and SET="-S k=v"), averaged, registered
-	stamp=$$(date +%H%M%S); for seed in $(SEEDS); do \
-		dvc exp run --queue -n $(MEMBERS)-seed$$seed-$$stamp \
-			$$($(PY) -m mnist_pipeline.recipes recipes/$(MEMBERS).yaml) -S train.seed=$$seed $(SET) \
-			|| exit 1; done
-	dvc exp run --run-all -j 1
-	mnist-pipeline ensemble --latest $(words $(SEEDS))
+exp: install ## Run a named recipe as a DVC experiment: make exp RECIPE=best-single [SET="-S k=v"]
+	flags=$$($(PY) -m mnist_pipeline.recipes recipes/$(RECIPE).yaml) || exit 1; \
+	dvc exp run -n $(RECIPE)-$$(date +%H%M%S) $$flags $(SET)
+
+SEEDS ?= 0 1 2 3 4
+ensemble: install ## The ensemble recipe: RECIPE (best-single) with SEEDS="0 1 2 3 4" [SET="-S k=v"], averaged, registered
+	flags=$$($(PY) -m mnist_pipeline.recipes recipes/$(or $(RECIPE),best-single).yaml) || exit 1; \
+	stamp=$$(date +%Y%m%d-%H%M%S); names=; \
+	for seed in $(SEEDS); do \
+		name=$(or $(RECIPE),best-single)-seed$$seed-$$stamp; names="$$names $$name"; \
+		dvc exp run --queue -n $$name $$flags -S train.seed=$$seed $(SET) || exit 1; \
+	done; \
+	dvc exp run --run-all -j 1; \
+	mnist-pipeline ensemble --experiments $$names
 
 accuracy: install ## Train recipes over 3 seeds and print the accuracy table (hours on a CPU)
 	$(PY) bench/accuracy.py --recipe reference --recipe best-single --seeds 0 1 2
 
-bench: install ## Benchmark the training path against the reference loop (1 epoch, CPU)
-	$(PY) bench/train_speed.py --device cpu --epochs 1
+bench: install ## Benchmark the training path against the reference loop (1 epoch x 3, CPU, ~8 min)
+	$(PY) bench/train_speed.py --device cpu --epochs 1 --repeats 3 --variant default --variant plain
 
 clean: ## Remove the virtual environment and caches (not data or runs)
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mnist_pipeline.download import download, mirrors_from_env
 from mnist_pipeline.errors import run_stage
-from mnist_pipeline.tracking import store_root
+from mnist_pipeline.io import repo_root
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     env = dict(os.environ)
     if args.mirror:
         env["MNIST_MIRROR"] = args.mirror
-    served = download(args.out, mirrors_from_env(env, base=store_root(env, Path.cwd())))
+    served = download(args.out, mirrors_from_env(env, base=repo_root(env, Path.cwd())))
     for name, mirror in served.items():
         print(f"{name}: verified, from {mirror}")
 

@@ -20,7 +20,7 @@ def imported_modules(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom):
             base = node.module or ""
-            if node.level or base.startswith("mnist_pipeline"):
+            if (node.level and PACKAGE in path.parents) or base.startswith("mnist_pipeline"):
                 base = base.removeprefix("mnist_pipeline").lstrip(".")
                 if base:
                     found.add(base.split(".")[0])
@@ -29,7 +29,9 @@ def imported_modules(path: Path) -> set[str]:
         elif isinstance(node, ast.Import):
             found.update(alias.name.split(".")[1] for alias in node.names
                          if alias.name.startswith("mnist_pipeline."))
-    return {name for name in found if (PACKAGE / f"{name}.py").exists()}
+    unknown = {name for name in found if not (PACKAGE / f"{name}.py").exists()}
+    assert not unknown, f"{path}: imports {sorted(unknown)}, not modules of the package"
+    return found
 
 
 def closure(script: Path) -> set[str]:

@@ -242,11 +242,13 @@ def test_ensemble_of_two_versions_is_one_servable_model(pipeline, promotions, ru
     listed = run([CLI, "models", "--name", "mnist-cnn-ensemble", "--json"], repo, env).stdout
     assert json.loads(listed.splitlines()[0])["test_accuracy"] > 0.5
 
-    # --latest N: the N newest versions (what `make ensemble` uses after its seeds ran)
-    newest = [json.loads(line)["version"] for line in
-              run([CLI, "models", "--json"], repo, env).stdout.splitlines()[:2]]
-    done = run([CLI, "ensemble", "--latest", "2", "--ensemble-name", "mnist-cnn-newest"],
-               repo, env)
-    assert f"(members: v{newest[1]} " in done.stdout and f", v{newest[0]} " in done.stdout
-    refused = run([CLI, "ensemble", "--latest", "1000"], repo, env, check=False)
-    assert refused.returncode != 0 and "not the 1000 asked for" in refused.stderr
+    # --experiments: the versions that named DVC experiments registered (`make ensemble`)
+    client = mlflow.MlflowClient()
+    names = [client.get_run(client.get_model_version("mnist-cnn", str(v)).run_id)
+             .data.tags["DVC_EXP_NAME"] for v in (v1, v1 + 1)]
+    done = run([CLI, "ensemble", "--experiments", names[1], names[0],
+                "--ensemble-name", "mnist-cnn-by-experiment"], repo, env)
+    assert f"(members: v{v1 + 1} " in done.stdout and f", v{v1} " in done.stdout
+    refused = run([CLI, "ensemble", "--experiments", names[0], "no-such-experiment"], repo, env,
+                  check=False)
+    assert refused.returncode != 0 and "no-such-experiment: did they fail?" in refused.stderr

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mnist_pipeline.tracking import NullTracker, git_state, resolve_tracking, store_root
+from mnist_pipeline.io import repo_root
+from mnist_pipeline.tracking import NullTracker, git_state, resolve_tracking
 
 
 def test_default_store_is_sqlite_in_the_repository(tmp_path):
@@ -17,7 +18,7 @@ def test_default_store_is_sqlite_in_the_repository(tmp_path):
 
 def test_dvc_root_wins_over_a_temporary_copy(tmp_path):
     # `dvc exp run --temp` runs in a copy but sets DVC_ROOT to the real repository
-    assert store_root({"DVC_ROOT": str(tmp_path)}, "/elsewhere") == tmp_path.resolve()
+    assert repo_root({"DVC_ROOT": str(tmp_path)}, "/elsewhere") == tmp_path.resolve()
 
 
 def test_environment_overrides_the_store(tmp_path):

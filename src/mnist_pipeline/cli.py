@@ -5,7 +5,7 @@
     mnist-pipeline rollback                    # alias back to the previous champion
     mnist-pipeline history                     # every alias move, oldest first
     mnist-pipeline ensemble --versions 4 5 6   # one model averaging several versions
-    mnist-pipeline ensemble --latest 5         # ... averaging the 5 newest versions
+    mnist-pipeline ensemble --experiments E1 E2  # ... the versions of DVC experiments
     mnist-pipeline predict IMAGE... [--model URI] [--json]
 
 The store is $MLFLOW_TRACKING_URI, else ./mlruns (as the pipeline's train stage uses it).
@@ -136,7 +136,8 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
     uri, artifacts = resolve_tracking(os.environ, Path.cwd())
     client = _client(args)
-    versions = args.versions or registry.latest_versions(client, args.name, args.latest)
+    versions = args.versions or registry.versions_of_experiments(client, args.name,
+                                                                  args.experiments)
     target = args.ensemble_name or f"{args.name}-ensemble"
     result = build_ensemble(MlflowTracker(uri, target, artifacts), args.name, versions,
                             target, args.raw)
@@ -182,8 +183,8 @@ def parser() -> argparse.ArgumentParser:
             "Register the ensemble (averaged probabilities) of several versions as one model.")
     chosen = p.add_mutually_exclusive_group(required=True)
     chosen.add_argument("--versions", type=int, nargs="+", help="these versions")
-    chosen.add_argument("--latest", type=int, metavar="N",
-                        help="the N newest versions (e.g. the seeds `make ensemble` just ran)")
+    chosen.add_argument("--experiments", nargs="+", metavar="NAME",
+                        help="the versions these DVC experiments registered (`make ensemble`)")
     p.add_argument("--ensemble-name", help="registered name (default: <name>-ensemble)")
     p.add_argument("--raw", type=Path, default=Path("data/raw"), help="MNIST IDX folder")
 

@@ -1,6 +1,7 @@
 """Atomic file output: write to a temporary file beside the target, then rename.
 
 A reader (or DVC) never sees a half-written file: either the old content or the new.
+Also where the repository is, for paths that are relative to it.
 """
 
 from __future__ import annotations
@@ -10,9 +11,18 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+
+def repo_root(env: Mapping[str, str], cwd: str | Path) -> Path:
+    """The repository the pipeline runs for (its mlruns/, relative mirror paths).
+
+    DVC sets DVC_ROOT to the main repository even when an experiment runs in a temporary
+    copy (`dvc exp run --temp/--queue`), so every run lands in the same store.
+    """
+    return Path(env.get("DVC_ROOT") or cwd).resolve()
 
 
 @contextlib.contextmanager

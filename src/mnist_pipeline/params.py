@@ -68,7 +68,8 @@ class TrainParams:
 
     # Speed options. Those that change the arithmetic (bf16, compile) are off by default;
     # channels_last and fused_optimizer keep fp32 and change only the order of rounding
-    # (the same accuracy in distribution, measured in README.md), so they are on.
+    # (the same accuracy in distribution: README.md's accuracy table is measured with them),
+    # so they are on. bench/RESULTS.md has what each one is worth.
     amp: str = field(default="none", metadata=_choice("none", "bf16"))
     channels_last: bool = True
     compile: bool = False

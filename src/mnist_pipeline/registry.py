@@ -127,14 +127,24 @@ def _registered(client: Any, name: str) -> Any:
         raise RegistryError(f"no registered model named {name!r} in this store") from None
 
 
-def latest_versions(client: Any, name: str, count: int) -> list[int]:
-    """The `count` newest version numbers of `name`, oldest first."""
+def versions_of_experiments(client: Any, name: str, experiments: list[str]) -> list[int]:
+    """The version of `name` that each DVC experiment registered (found through its run's
+    DVC_EXP_NAME tag), in the order given; exactly one per experiment."""
     _registered(client, name)
-    numbers = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
-    if len(numbers) < count:
-        raise RegistryError(f"registered model {name!r} has {len(numbers)} version(s), "
-                            f"not the {count} asked for")
-    return numbers[-count:]
+    found: dict[str, list[int]] = {}
+    for v in client.search_model_versions(f"name='{name}'"):
+        experiment = client.get_run(v.run_id).data.tags.get("DVC_EXP_NAME")
+        if experiment in experiments:
+            found.setdefault(experiment, []).append(int(v.version))
+    missing = [e for e in experiments if e not in found]
+    if missing:
+        raise RegistryError(f"no version of {name!r} was registered by experiment(s) "
+                            f"{', '.join(missing)}: did they fail? (`dvc queue status`)")
+    doubled = {e: sorted(v) for e, v in found.items() if len(v) > 1}
+    if doubled:
+        raise RegistryError(f"experiment(s) registered several versions of {name!r}: {doubled}; "
+                            "name the versions with --versions")
+    return [found[e][0] for e in experiments]
 
 
 def version_for_run(client: Any, name: str, run_id: str) -> Any:

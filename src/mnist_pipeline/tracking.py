@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PipelineError
+from .io import repo_root
 
 DEFAULT_STORE_DIR = "mlruns"
 
@@ -26,21 +27,12 @@ class TrackingError(PipelineError):
     """The tracking store cannot be used."""
 
 
-def store_root(env: Mapping[str, str], cwd: str | Path) -> Path:
-    """The repository whose mlruns/ holds the local store.
-
-    DVC sets DVC_ROOT to the main repository even when an experiment runs in a temporary
-    copy (`dvc exp run --temp/--queue`), so every run lands in the same store.
-    """
-    return Path(env.get("DVC_ROOT") or cwd).resolve()
-
-
 def resolve_tracking(env: Mapping[str, str], cwd: str | Path) -> tuple[str, str | None]:
     """(tracking URI, artifact location for new experiments or None for the server's own)."""
     uri = env.get("MLFLOW_TRACKING_URI", "").strip()
     if uri:
         return uri, None
-    store = store_root(env, cwd) / DEFAULT_STORE_DIR
+    store = repo_root(env, cwd) / DEFAULT_STORE_DIR
     return f"sqlite:///{store / 'mlflow.db'}", (store / "artifacts").as_uri()
 
 
