@@ -46,11 +46,12 @@ exp: install ## Run a named recipe as a DVC experiment: make exp RECIPE=best-sin
 	dvc exp run -n $(RECIPE)-$$(date +%H%M%S) $$flags $(SET)
 
 SEEDS ?= 0 1 2 3 4
+MEMBER = $(or $(RECIPE),best-single)
 ensemble: install ## The ensemble recipe: RECIPE (best-single) with SEEDS="0 1 2 3 4" [SET="-S k=v"], averaged, registered
-	flags=$$($(PY) -m mnist_pipeline.recipes recipes/$(or $(RECIPE),best-single).yaml) || exit 1; \
+	flags=$$($(PY) -m mnist_pipeline.recipes recipes/$(MEMBER).yaml) || exit 1; \
 	stamp=$$(date +%Y%m%d-%H%M%S); names=; \
 	for seed in $(SEEDS); do \
-		name=$(or $(RECIPE),best-single)-seed$$seed-$$stamp; names="$$names $$name"; \
+		name=$(MEMBER)-seed$$seed-$$stamp; names="$$names $$name"; \
 		dvc exp run --queue -n $$name $$flags -S train.seed=$$seed $(SET) || exit 1; \
 	done; \
 	dvc exp run --run-all -j 1; \
