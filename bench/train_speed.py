@@ -14,7 +14,7 @@ torchvision and numpy (no mlflow, dvc or PyYAML).
 
   python bench/train_speed.py --device cpu --epochs 1 --json bench/out/cpu.json
   python bench/train_speed.py --device cpu --steps 100 --repeats 3 --variant default \
-      --variant fused --variant fused+channels_last
+      --variant plain --variant plain+channels_last     (tokens apply left to right)
   python bench/train_speed.py --device cuda --repeats 3 --variant default --variant bf16
       (on CUDA also the whole recipe per variant: time to 99.5% test accuracy; see --recipe)
 """
