@@ -43,7 +43,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "bench")]
 
 from mnist_pipeline.data import SPLITS, load_split  # noqa: E402
-from mnist_pipeline.model import MnistCNN  # noqa: E402
 from mnist_pipeline.params import TrainParams  # noqa: E402
 from mnist_pipeline.train import (  # noqa: E402
     build_state,
@@ -52,7 +51,13 @@ from mnist_pipeline.train import (  # noqa: E402
     fit,
     to_tensor,
 )
-from reference import LEARNING_RATE, reference_epoch, reference_loaders, train_reference  # noqa: E402
+from reference import (  # noqa: E402
+    CNN,
+    LEARNING_RATE,
+    reference_epoch,
+    reference_loaders,
+    train_reference,
+)
 
 # Variant tokens -> TrainParams overrides; join tokens with '+' ("fused+channels_last").
 TOKENS: dict[str, dict[str, Any]] = {
@@ -249,7 +254,7 @@ def child_reference(args: argparse.Namespace, device: torch.device) -> dict[str,
         loaders = reference_loaders(args.raw, Path(scratch))
     start = time.perf_counter()
     if args.warmup:
-        model = MnistCNN().to(device)
+        model = CNN().to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
         reference_epoch(model, optimizer, loaders[0], device, args.warmup)
     warmup = time.perf_counter() - start

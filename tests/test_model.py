@@ -3,6 +3,8 @@ reference's function and gradients bit for bit."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,25 +12,16 @@ from torch import nn
 
 from mnist_pipeline.model import DeployableModel, MnistCNN, count_parameters
 
+from .conftest import ROOT
+
 
 def reference_layers() -> nn.Module:
-    """The blog post's network, layer for layer: ReLU before each max-pool, not in place."""
-    def block(c_in: int, c_out: int) -> list[nn.Module]:
-        return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
-
-    class Reference(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.features = nn.Sequential(*block(1, 16), *block(16, 32), nn.MaxPool2d(2, 2),
-                                          *block(32, 64), nn.MaxPool2d(2, 2))
-            self.classifier = nn.Sequential(
-                nn.Linear(3136, 128), nn.BatchNorm1d(128), nn.ReLU(),
-                nn.Linear(128, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 10))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.classifier(self.features(x).flatten(1))
-
-    return Reference()
+    """The blog post's network class as published (bench/reference.py): ReLU before each
+    max-pool, not in place; the same parameters in the same order, under other names."""
+    spec = importlib.util.spec_from_file_location("reference", ROOT / "bench" / "reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.CNN()
 
 
 def digit_like_batch(n: int, seed: int) -> torch.Tensor:
@@ -89,8 +82,9 @@ def test_same_function_and_gradients_as_the_reference_layer_order(channels_last)
     # the reference's bit for bit, through three training steps.
     torch.manual_seed(0)
     ours, reference = MnistCNN(), reference_layers()
-    assert list(ours.state_dict()) == list(reference.state_dict())
-    reference.load_state_dict(ours.state_dict())
+    names = dict(zip(reference.state_dict(), ours.state_dict(), strict=True))
+    assert all(name.split(".", 1)[1] == names[name].split(".", 1)[1] for name in names)
+    reference.load_state_dict({ref: ours.state_dict()[name] for ref, name in names.items()})
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     ours, reference = ours.to(memory_format=fmt), reference.to(memory_format=fmt)
     optimizers = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (ours, reference)]
