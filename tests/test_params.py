@@ -45,6 +45,18 @@ def test_default_params_are_the_best_single_recipe():
     assert load_params(ROOT / "params.yaml", "promote").min_accuracy == 0.995
 
 
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")),
+                         ids=lambda path: path.stem)
+def test_every_recipe_is_valid_and_sets_every_recipe_key(recipe):
+    from mnist_pipeline.recipes import load_recipe
+
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    overrides = load_recipe(recipe, base)["train"]
+    # a recipe applied with `make exp` must not inherit a choice of another recipe
+    assert {"epochs", "lr", "scheduler", "val_size", "select_best", "early_stop_patience",
+            "label_smoothing", "augment", "ema_decay", "tta"} <= set(overrides)
+
+
 def test_params_yaml_lists_every_key():
     doc = yaml.safe_load((ROOT / "params.yaml").read_text())
     for section, cls in SECTIONS.items():

@@ -140,11 +140,44 @@ def test_validation_metrics_and_best_epoch(subset):
     assert again == pytest.approx(best["val_accuracy"])
 
 
+def test_stops_early_rule():
+    from mnist_pipeline.train import stops_early
+
+    rows = [{"val_loss": v} for v in (0.5, 0.4, 0.45, 0.41)]
+    assert stops_early(rows, 2)  # the best (0.4) is two epochs back
+    assert not stops_early(rows, 3)  # 0.45 and 0.41 and 0.4 vs 0.5: 0.4 improved
+    assert not stops_early(rows[:3], 2)  # only one epoch since the best
+    assert not stops_early(rows, 0) and not stops_early([], 1)
+    assert stops_early([{"val_loss": 0.4}, {"val_loss": 0.4}], 1)  # equal is no improvement
+
+
+def test_early_stopping_ends_training_and_resuming_trains_no_more(subset):
+    from mnist_pipeline.train import stops_early
+
+    x, y = subset
+    # trained on shuffled labels, the model soon gets worse on the true validation labels
+    noise = y[100:][torch.randperm(len(y) - 100, generator=torch.Generator().manual_seed(0))]
+    params = dataclasses.replace(SMALL, epochs=12, scheduler="none", val_size=100,
+                                 early_stop_patience=2)
+    state = build_state(params, torch.device("cpu"))
+    history = fit(state, params, x[100:], noise, val=(x[:100], y[:100]))
+    assert len(history) == state.epoch < params.epochs
+    assert stops_early(history, 2)
+    assert not any(stops_early(history[:n], 2) for n in range(1, len(history)))
+    again = fit(state, params, x[100:], noise, val=(x[:100], y[:100]))
+    assert len(again) == state.epoch == len(history)  # as a resumed run: stops at once
+    off = dataclasses.replace(params, epochs=len(history) + 1, early_stop_patience=0)
+    state = build_state(off, torch.device("cpu"))
+    assert len(fit(state, off, x[100:], noise, val=(x[:100], y[:100]))) == off.epochs
+
+
 def test_select_best_needs_a_validation_split():
     from mnist_pipeline.params import ParamsError
 
     with pytest.raises(ParamsError, match="train.select_best: needs a validation split"):
         TrainParams(select_best=True)
+    with pytest.raises(ParamsError, match="train.early_stop_patience: needs a validation"):
+        TrainParams(early_stop_patience=3)
 
 
 def test_tta_evaluation_matches_the_served_model(subset):

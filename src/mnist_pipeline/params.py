@@ -54,10 +54,13 @@ class TrainParams:
     # Use only the first N training images (0 = all); for smoke tests.
     train_subset: int = field(default=0, metadata=_num(0, 60000))
     # Beyond the reference (all off by default): a validation split carved from the training
-    # set by seed, for the scheduler and for choosing the best epoch; the test set is only
-    # ever used for the final report.
+    # set by seed, for the scheduler, early stopping and choosing the best epoch; the test
+    # set is only ever used for the final report.
     val_size: int = field(default=0, metadata=_num(0, 30000))
     select_best: bool = False  # keep the epoch with the best validation accuracy
+    # Stop once this many epochs in a row brought no lower val_loss than the best before
+    # them (0 = never stop early).
+    early_stop_patience: int = field(default=0, metadata=_num(0, 1000))
     label_smoothing: float = field(default=0.0, metadata=_num(0, 0.5))
     augment: bool = False  # random shifts, rotations and scaling on the training device
     augment_shift: float = field(default=2.0, metadata=_num(0, 8))  # pixels
@@ -79,7 +82,9 @@ class TrainParams:
 
     def __post_init__(self) -> None:
         needs_val = [k for k, on in (("select_best", self.select_best),
-                                     ("plateau_loss", self.plateau_loss == "val_loss")) if on]
+                                     ("plateau_loss", self.plateau_loss == "val_loss"),
+                                     ("early_stop_patience", self.early_stop_patience > 0))
+                     if on]
         if needs_val and self.val_size == 0:
             raise ParamsError(f"params: train.{needs_val[0]}: needs a validation split "
                               "(train.val_size > 0)")

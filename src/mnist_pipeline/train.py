@@ -256,6 +256,15 @@ def current_lr(optimizer: torch.optim.Optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
 
 
+def stops_early(history: list[dict[str, float]], patience: int) -> bool:
+    """True when the last `patience` epochs of `history` brought no lower val_loss than the
+    best epoch before them (never with patience 0)."""
+    if patience == 0 or len(history) <= patience:
+        return False
+    losses = [row["val_loss"] for row in history]
+    return min(losses[-patience:]) >= min(losses[:-patience])
+
+
 def fit(
     state: TrainState, params: TrainParams, x: torch.Tensor, y: torch.Tensor,
     on_epoch_end: EpochCallback | None = None, on_step: Callable[[], None] | None = None,
@@ -264,7 +273,8 @@ def fit(
     """Train from state.epoch + 1 to params.epochs; return the whole per-epoch history.
 
     With a validation split `val`, each epoch also reports val_loss and val_accuracy (of the
-    network that would be exported), and `select_best` keeps the best epoch in state.best.
+    network that would be exported), `select_best` keeps the best epoch in state.best and
+    `early_stop_patience` ends training early (see `stops_early`; also when resumed).
     """
     if x.device.type == "cpu":
         tune_cpu_allocator()  # bit-identical, faster: no page faults for each step's tensors
@@ -275,6 +285,8 @@ def fit(
             return random_affine(xb, state.generator, params.augment_shift,
                                  params.augment_rotate, params.augment_scale)
     for epoch in range(state.epoch + 1, params.epochs + 1):
+        if stops_early(state.history, params.early_stop_patience):
+            break
         start = time.perf_counter()
         metrics = train_one_epoch(
             state.model, state.optimizer, x, y, params.batch_size, state.generator,

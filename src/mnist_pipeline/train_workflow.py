@@ -163,6 +163,10 @@ def run_training(
         history = fit(state, params, x, y, on_epoch_end, on_step, data.get("val"))
         duration = time.perf_counter() - started
         net = final_model(state)
+        if state.epoch < params.epochs:
+            tracker.log_metrics({"stopped_epoch": state.epoch})
+            print_fn(f"Stopped early after epoch {state.epoch}: no lower validation loss in "
+                     f"{params.early_stop_patience} epoch(s)")
         if state.best is not None:
             tracker.log_metrics({"best_epoch": state.best["epoch"]})
             print_fn(f"Best epoch on validation: {state.best['epoch']} "
@@ -174,7 +178,7 @@ def run_training(
         save_weights(net, outputs.weights)
         metrics = {
             "train_loss": history[-1]["train_loss"], "test_accuracy": test["accuracy"],
-            "test_loss": test["loss"], "epochs": params.epochs,
+            "test_loss": test["loss"], "epochs": state.epoch,
             "duration_seconds": round(duration, 3), "device": device.type,
         }
         write_json(outputs.history, [{"epoch": row["epoch"], **_epoch_metrics(row)}
