@@ -45,9 +45,9 @@ exp: install ## Run a named recipe as a DVC experiment: make exp RECIPE=best-sin
 	flags=$$($(PY) -m mnist_pipeline.recipes recipes/$(RECIPE).yaml) || exit 1; \
 	dvc exp run -n $(RECIPE)-$$(date +%H%M%S) $$flags $(SET)
 
-SEEDS ?= 0 1 2 3 4
+SEEDS ?= 0 1 2 3 4 5 6
 MEMBER = $(or $(RECIPE),best-single)
-ensemble: install ## The ensemble recipe: RECIPE (best-single) with SEEDS="0 1 2 3 4" [SET="-S k=v"], averaged, registered
+ensemble: install ## The ensemble recipe: RECIPE (best-single) with SEEDS="0 1 2 3 4 5 6" [SET="-S k=v"], averaged, registered
 	flags=$$($(PY) -m mnist_pipeline.recipes recipes/$(MEMBER).yaml) || exit 1; \
 	stamp=$$(date +%Y%m%d-%H%M%S); names=; \
 	for seed in $(SEEDS); do \
