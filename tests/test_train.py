@@ -145,7 +145,7 @@ def test_stops_early_rule():
 
     rows = [{"val_loss": v} for v in (0.5, 0.4, 0.45, 0.41)]
     assert stops_early(rows, 2)  # the best (0.4) is two epochs back
-    assert not stops_early(rows, 3)  # 0.45 and 0.41 and 0.4 vs 0.5: 0.4 improved
+    assert not stops_early(rows, 3)  # of the last three, 0.4 improved on 0.5
     assert not stops_early(rows[:3], 2)  # only one epoch since the best
     assert not stops_early(rows, 0) and not stops_early([], 1)
     assert stops_early([{"val_loss": 0.4}, {"val_loss": 0.4}], 1)  # equal is no improvement
