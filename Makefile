@@ -60,8 +60,8 @@ ensemble: install ## The ensemble recipe: RECIPE (best-single) with SEEDS="0 1 2
 accuracy: install ## Train recipes over 3 seeds and print the accuracy table (hours on a CPU)
 	$(PY) bench/accuracy.py --recipe reference --recipe best-single --seeds 0 1 2
 
-bench: install ## Benchmark the training path against the reference loop (1 epoch x 3, CPU, ~8 min)
-	$(PY) bench/train_speed.py --device cpu --epochs 1 --repeats 3 --variant default --variant plain
+bench: install ## Benchmark the training path against the reference loop (1 epoch x 3, CPU, ~10 min)
+	$(PY) bench/train_speed.py --device cpu --epochs 1 --repeats 3 --variant default --variant unfused --variant plain
 
 clean: ## Remove the virtual environment and caches (not data or runs)
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -49,6 +49,7 @@ from mnist_pipeline.train import (  # noqa: E402
     configure_determinism,
     evaluate,
     fit,
+    fused_kernels_status,
     to_tensor,
 )
 from reference import (  # noqa: E402
@@ -62,9 +63,12 @@ from reference import (  # noqa: E402
 # Variant tokens -> TrainParams overrides; join tokens with '+' ("fused+channels_last").
 TOKENS: dict[str, dict[str, Any]] = {
     "default": {},
-    # the fp32 defaults turned off: NCHW layout, for-loop Adam (rounding-level differences)
-    "plain": {"channels_last": False, "fused_optimizer": False},
+    # the fp32 defaults turned off: NCHW layout, for-loop Adam, eager BatchNorm/ReLU/max-pool
+    # (rounding-level differences)
+    "plain": {"channels_last": False, "fused_optimizer": False, "fused_kernels": False},
+    "unfused": {"fused_kernels": False},  # the eager modules instead of the fused kernels
     "fused": {"fused_optimizer": True},
+    "fused_kernels": {"fused_kernels": True},
     "channels_last": {"channels_last": True},
     "compile": {"compile": True},
     "bf16": {"amp": "bf16"},
@@ -246,7 +250,8 @@ def child_project(args: argparse.Namespace, row: str, device: torch.device) -> d
     else:
         result = run_project(params, tensors, args.epochs, device)
     return {**result, "warmup_seconds": warmup, "epoch_images": epoch_images(args.raw),
-            "cpu_share": cpu_share(cpu, wall)}
+            "cpu_share": cpu_share(cpu, wall),
+            "fused_kernels": fused_kernels_status(params, device)}
 
 
 def child_reference(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -299,9 +304,10 @@ def benchmark(args: argparse.Namespace, variants: list[str]) -> dict[str, list[d
         for name in names if repeat % 2 == 0 else names[::-1]:
             run = run_child(args, name)
             runs[name].append(run)
+            kernels = f", fused kernels {run['fused_kernels']}" if "fused_kernels" in run else ""
             print(f"[{repeat + 1}/{args.repeats}] {name}: {run['seconds']:.2f} s, "
                   f"{run['images'] / run['seconds']:.0f} images/s, accuracy "
-                  f"{run['test_accuracy']:.4f}, warm-up {run['warmup_seconds']:.1f} s",
+                  f"{run['test_accuracy']:.4f}, warm-up {run['warmup_seconds']:.1f} s{kernels}",
                   file=sys.stderr, flush=True)
     return runs
 

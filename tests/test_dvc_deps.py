@@ -1,6 +1,7 @@
 """dvc.yaml lists, for each stage, exactly the library modules its script can import (directly
-or through other modules, at module level or inside functions): a change to any of them, and
-to no other, makes `dvc repro` re-run the stage."""
+or through other modules, at module level or inside functions), and the non-Python sources
+those modules read (the C++ of `fused`): a change to any of them, and to no other, makes
+`dvc repro` re-run the stage."""
 
 from __future__ import annotations
 
@@ -34,13 +35,26 @@ def imported_modules(path: Path) -> set[str]:
     return found
 
 
+def sources_read(name: str) -> set[str]:
+    """Files of the package other than modules that module `name` reads (csrc/*.cpp)."""
+    text = (PACKAGE / f"{name}.py").read_text(encoding="utf-8")
+    return {f"src/mnist_pipeline/csrc/{path.name}" for path in (PACKAGE / "csrc").glob("*")
+            if path.name in text}
+
+
 def closure(script: Path) -> set[str]:
     todo, seen = set(imported_modules(script)), set()
     while todo:
         name = todo.pop()
         seen.add(name)
         todo |= imported_modules(PACKAGE / f"{name}.py") - seen
-    return {f"src/mnist_pipeline/{name}.py" for name in seen}
+    return ({f"src/mnist_pipeline/{name}.py" for name in seen}
+            | {src for name in seen for src in sources_read(name)})
+
+
+def test_every_csrc_file_is_read_by_a_module():
+    read = {src for path in PACKAGE.glob("*.py") for src in sources_read(path.stem)}
+    assert read == {f"src/mnist_pipeline/csrc/{p.name}" for p in (PACKAGE / "csrc").glob("*")}
 
 
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]

@@ -50,7 +50,7 @@ def test_fit_reports_each_epoch_and_learns(subset):
 
 @pytest.mark.parametrize("option", [
     {"channels_last": False}, {"amp": "bf16"}, {"fused_optimizer": False},
-    {"channels_last": False, "fused_optimizer": False},
+    {"channels_last": False, "fused_optimizer": False}, {"fused_kernels": False},
     {"optimizer": "adamw"}, {"optimizer": "sgd", "lr": 0.05}, {"scheduler": "none"},
     {"plateau_loss": "epoch_mean"}, {"scheduler": "onecycle", "lr": 0.003},
     {"scheduler": "cosine"}, {"augment": True}, {"ema_decay": 0.9}, {"label_smoothing": 0.1},

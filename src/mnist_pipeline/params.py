@@ -70,13 +70,16 @@ class TrainParams:
     tta: bool = False  # average predictions over 1-pixel shifts (also in the served model)
 
     # Speed options. Those that change the arithmetic (bf16, compile) are off by default;
-    # channels_last and fused_optimizer keep fp32 and change only the order of rounding
-    # (the same accuracy in distribution: README.md's accuracy table is measured with them),
-    # so they are on. bench/RESULTS.md has what each one is worth.
+    # channels_last, fused_optimizer and fused_kernels keep fp32 and change only the order
+    # of rounding (the same accuracy in distribution: README.md's accuracy table is measured
+    # with them), so they are on. bench/RESULTS.md has what each one is worth.
     amp: str = field(default="none", metadata=_choice("none", "bf16"))
     channels_last: bool = True
     compile: bool = False
     fused_optimizer: bool = True
+    # BatchNorm+ReLU(+max-pool) in one compiled CPU kernel each way (mnist_pipeline.fused);
+    # the eager modules where it cannot be built, on a GPU, with bf16 or with compile.
+    fused_kernels: bool = True
     eval_batch_size: int = field(default=1000, metadata=_num(1, 10000))
     cuda_deterministic: bool = True
 

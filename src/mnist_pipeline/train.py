@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 import torch.utils.deterministic
 from torch import nn
 
+from . import fused
 from .augment import random_affine, shifted_views
 from .model import MnistCNN
 from .params import TrainParams
@@ -84,6 +86,18 @@ def to_tensor(
     x = torch.from_numpy(np.array(images, dtype=np.uint8)).to(device)  # a writable copy
     x = (x.unsqueeze(1).float() / 255.0 - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def fused_kernels_status(params: TrainParams, device: torch.device) -> str:
+    """'on' if training runs the fused CPU kernels (`fused`; built on the first call), else
+    'off' or 'unavailable' with the reason: for the run's record."""
+    if not params.fused_kernels:
+        return "off"
+    for excluded, why in ((device.type != "cpu", device.type), (params.amp != "none", "amp"),
+                          (params.compile, "compile")):
+        if excluded:
+            return f"off ({why})"
+    return "on" if fused.extension() is not None else f"unavailable ({fused.unavailable_reason()})"
 
 
 def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
@@ -278,7 +292,11 @@ def fit(
     """
     if x.device.type == "cpu":
         tune_cpu_allocator()  # bit-identical, faster: no page faults for each step's tensors
-    step_fn = torch.compile(state.model) if params.compile else None
+    step_fn: Callable | None = None
+    if params.compile:
+        step_fn = torch.compile(state.model)
+    elif fused_kernels_status(params, x.device) == "on" and fused.supports(state.model):
+        step_fn = functools.partial(fused.forward, state.model)
     augment = None
     if params.augment:
         def augment(xb: torch.Tensor) -> torch.Tensor:

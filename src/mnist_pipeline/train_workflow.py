@@ -29,6 +29,7 @@ from .train import (
     evaluate,
     final_model,
     fit,
+    fused_kernels_status,
     to_tensor,
 )
 
@@ -133,6 +134,7 @@ def run_training(
         **environment_tags(device, determinism, torch.get_num_threads()),
         **{f"data_md5.{k}": v for k, v in md5s.items()},
         "params_hash": params_hash(to_dict(params)),
+        "fused_kernels": fused_kernels_status(params, device),
         **(tags or {}),
     }
     state: TrainState = build_state(params, device, len(x) // params.batch_size)

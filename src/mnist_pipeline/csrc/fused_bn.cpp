@@ -1,0 +1,466 @@
+// Fused CPU kernels for training: BatchNorm (batch statistics) + ReLU, and BatchNorm +
+// 2x2/stride-2 max-pool + ReLU, forward and backward, on float32 channels-last tensors.
+//
+// Eager PyTorch runs these as 3-5 separate kernels, each a pass over tensors of 5-10 MB that
+// do not fit in the caches: on a 2-core machine that memory traffic, not arithmetic, is most
+// of a step outside the convolutions. Here each direction is two passes (statistics, then
+// apply), the pool keeps an int32 argmax (0..3) instead of an int64 index, and the pool's
+// input gradient is written once instead of zero-filled and then scattered.
+//
+// The arithmetic is eager PyTorch's (the same formulas; max-pool's first-maximum rule and
+// NaN propagation); sums are accumulated in double in a fixed number of chunks combined in a
+// fixed order, so results are deterministic for a given thread count and differ from eager
+// only in rounding. The channel loop is compiled for C = 16, 32 and 64 (the model's widths)
+// so that it vectorises, with a generic fallback. mnist_pipeline/fused.py wraps the kernels
+// in autograd Functions.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using Tensor = at::Tensor;
+
+// Call f.template operator()<CT>() with CT = C for the model's widths, else CT = 0 (runtime).
+#define DISPATCH_C(C, ...)                         \
+  switch (C) {                                     \
+    case 16: { constexpr int CT = 16; __VA_ARGS__; break; } \
+    case 32: { constexpr int CT = 32; __VA_ARGS__; break; } \
+    case 64: { constexpr int CT = 64; __VA_ARGS__; break; } \
+    default: { constexpr int CT = 0; __VA_ARGS__; break; }  \
+  }
+
+// Before each channel loop: keep it a loop. GCC would otherwise unroll a loop of 16 into
+// scalar copies before vectorising, and selects (relu, argmax) in them stay scalar.
+#if defined(__GNUC__) && !defined(__clang__)
+#define VECTOR_LOOP _Pragma("GCC unroll 1")
+#else
+#define VECTOR_LOOP
+#endif
+
+// [0, rows) in `chunks` fixed ranges, run in parallel: f(chunk, begin, end).
+template <typename F>
+void for_chunks(int64_t rows, int64_t chunks, const F& f) {
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t k = c0; k < c1; ++k) f(k, rows * k / chunks, rows * (k + 1) / chunks);
+  });
+}
+
+int64_t chunk_count(int64_t rows) {
+  // 4 chunks per thread balance the load; fixed for a given thread count (determinism).
+  return std::max<int64_t>(1, std::min<int64_t>(4 * at::get_num_threads(), rows));
+}
+
+// Per-chunk [C] double partials summed in chunk order.
+std::vector<double> combine(const std::vector<double>& parts, int64_t chunks, int64_t C) {
+  std::vector<double> out(C, 0.0);
+  for (int64_t k = 0; k < chunks; ++k)
+    VECTOR_LOOP
+    for (int64_t c = 0; c < C; ++c) out[c] += parts[k * C + c];
+  return out;
+}
+
+Tensor channels_last(const Tensor& t) {
+  TORCH_CHECK(t.dim() == 4 && t.scalar_type() == at::kFloat && t.device().is_cpu(),
+              "fused_bn: expected a 4-D float32 CPU tensor");
+  return t.contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+Tensor vec(const Tensor& t) {
+  TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kFloat, "fused_bn: expected float32 [C]");
+  return t.contiguous();
+}
+
+Tensor empty_nhwc(const Tensor& x, int64_t H, int64_t W, at::ScalarType dtype) {
+  return at::empty({x.size(0), x.size(1), H, W},
+                   x.options().dtype(dtype).memory_format(at::MemoryFormat::ChannelsLast));
+}
+
+inline float relu(float v) { return v > 0.f ? v : (v == v ? 0.f : v); }  // NaN stays NaN
+
+constexpr int64_t kMaxC = 64;  // channel block of the generic (runtime C) loops
+
+// Rows [r0, r1) of x [M, C]: s += x - shift (shift = 0 for the sum, the mean for the
+// squared deviations, with square = true).
+template <int CT, bool square>
+void row_sums(const float* __restrict xp, const double* __restrict shift, double* __restrict s,
+              int64_t r0, int64_t r1, int64_t C_) {
+  const int64_t C = CT ? CT : C_;
+  for (int64_t r = r0; r < r1; ++r)
+    VECTOR_LOOP
+    for (int64_t c = 0; c < C; ++c) {
+      const double v = square ? xp[r * C + c] - shift[c] : xp[r * C + c];
+      s[c] += square ? v * v : v;
+    }
+}
+
+// Batch mean, 1/sqrt(biased var + eps) and unbiased var per channel of x [M, C] (two
+// passes, as eager: the mean, then the squared deviations from it).
+template <int CT>
+void batch_stats(const float* xp, int64_t M, int64_t C_, double eps, float* mean_out,
+                 float* invstd_out, float* var_out) {
+  const int64_t C = CT ? CT : C_;
+  const int64_t chunks = chunk_count(M);
+  std::vector<double> parts(chunks * C, 0.0), zero(C, 0.0);
+  for_chunks(M, chunks, [&](int64_t k, int64_t r0, int64_t r1) {
+    row_sums<CT, false>(xp, zero.data(), &parts[k * C], r0, r1, C);
+  });
+  std::vector<double> mean = combine(parts, chunks, C);
+  VECTOR_LOOP
+  for (int64_t c = 0; c < C; ++c) mean[c] /= static_cast<double>(M);
+  std::fill(parts.begin(), parts.end(), 0.0);
+  for_chunks(M, chunks, [&](int64_t k, int64_t r0, int64_t r1) {
+    row_sums<CT, true>(xp, mean.data(), &parts[k * C], r0, r1, C);
+  });
+  const std::vector<double> sq = combine(parts, chunks, C);
+  VECTOR_LOOP
+  for (int64_t c = 0; c < C; ++c) {
+    mean_out[c] = static_cast<float>(mean[c]);
+    invstd_out[c] = static_cast<float>(1.0 / std::sqrt(sq[c] / static_cast<double>(M) + eps));
+    var_out[c] = static_cast<float>(M > 1 ? sq[c] / static_cast<double>(M - 1) : sq[c]);
+  }
+}
+
+struct Stats {
+  Tensor mean, invstd, var;
+  std::vector<float> alpha, beta;  // y = x * alpha + beta, as eager BatchNorm computes it
+};
+
+Stats stats_and_affine(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps) {
+  const int64_t C = x.size(1), M = x.numel() / C;
+  auto opts = at::TensorOptions().dtype(at::kFloat);
+  Stats s{at::empty({C}, opts), at::empty({C}, opts), at::empty({C}, opts), {}, {}};
+  float *mp = s.mean.data_ptr<float>(), *ip = s.invstd.data_ptr<float>();
+  DISPATCH_C(C, batch_stats<CT>(x.data_ptr<float>(), M, C, eps, mp, ip,
+                                s.var.data_ptr<float>()));
+  const Tensor w = vec(weight), b = vec(bias);
+  s.alpha.resize(C);
+  s.beta.resize(C);
+  VECTOR_LOOP
+  for (int64_t c = 0; c < C; ++c) {
+    s.alpha[c] = ip[c] * w.data_ptr<float>()[c];
+    s.beta[c] = b.data_ptr<float>()[c] - mp[c] * s.alpha[c];
+  }
+  return s;
+}
+
+template <int CT>
+void bn_relu_rows(const float* __restrict xp, float* __restrict yp,
+                  const float* __restrict alpha, const float* __restrict beta, int64_t r0,
+                  int64_t r1, int64_t C_) {
+  const int64_t C = CT ? CT : C_;
+  for (int64_t r = r0; r < r1; ++r)
+    VECTOR_LOOP
+    for (int64_t c = 0; c < C; ++c) yp[r * C + c] = relu(xp[r * C + c] * alpha[c] + beta[c]);
+}
+
+template <int CT>
+void bn_relu_apply(const float* xp, float* yp, int64_t M, int64_t C, const float* alpha,
+                   const float* beta) {
+  for_chunks(M, chunk_count(M), [&](int64_t, int64_t r0, int64_t r1) {
+    bn_relu_rows<CT>(xp, yp, alpha, beta, r0, r1, C);
+  });
+}
+
+// relu(batch_norm(x)): returns (y, mean, invstd, var_unbiased).
+std::vector<Tensor> bn_relu_forward(const Tensor& input, const Tensor& weight,
+                                    const Tensor& bias, double eps) {
+  Tensor x = channels_last(input);
+  const int64_t C = x.size(1), M = x.numel() / C;
+  Stats s = stats_and_affine(x, weight, bias, eps);
+  Tensor y = empty_nhwc(x, x.size(2), x.size(3), at::kFloat);
+  DISPATCH_C(C, bn_relu_apply<CT>(x.data_ptr<float>(), y.data_ptr<float>(), M, C,
+                                  s.alpha.data(), s.beta.data()));
+  return {y, s.mean, s.invstd, s.var};
+}
+
+// Output rows [r0, r1) (n, ho) of relu(max_pool2d(x * alpha + beta)) and the argmax.
+template <int CT>
+void pool_rows(const float* __restrict xp, float* __restrict op, int32_t* __restrict ap,
+               const float* __restrict al, const float* __restrict be, int64_t r0,
+               int64_t r1, int64_t C_, int64_t H, int64_t W) {
+  const int64_t C = CT ? CT : C_, Ho = H / 2, Wo = W / 2;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n = r / Ho, ho = r % Ho;
+    for (int64_t wo = 0; wo < Wo; ++wo) {
+      const float* p0 = xp + ((n * H + 2 * ho) * W + 2 * wo) * C;
+      const float* p1 = p0 + C;
+      const float* p2 = p0 + W * C;
+      const float* p3 = p2 + C;
+      const int64_t o = ((n * Ho + ho) * Wo + wo) * C;
+      VECTOR_LOOP
+      for (int64_t c = 0; c < C; ++c) {
+        // Scan order (0,0), (0,1), (1,0), (1,1); take v if v > best or v is NaN (eager).
+        float best = p0[c] * al[c] + be[c];
+        int32_t which = 0;
+        const float v1 = p1[c] * al[c] + be[c];
+        const bool t1 = v1 > best || v1 != v1;
+        best = t1 ? v1 : best;
+        which = t1 ? 1 : which;
+        const float v2 = p2[c] * al[c] + be[c];
+        const bool t2 = v2 > best || v2 != v2;
+        best = t2 ? v2 : best;
+        which = t2 ? 2 : which;
+        const float v3 = p3[c] * al[c] + be[c];
+        const bool t3 = v3 > best || v3 != v3;
+        best = t3 ? v3 : best;
+        which = t3 ? 3 : which;
+        op[o + c] = relu(best);
+        ap[o + c] = which;
+      }
+    }
+  }
+}
+
+template <int CT>
+void pool_apply(const float* xp, float* op, int32_t* ap, int64_t N, int64_t C, int64_t H,
+                int64_t W, const float* alpha, const float* beta) {
+  const int64_t rows = N * (H / 2);
+  for_chunks(rows, chunk_count(rows), [&](int64_t, int64_t r0, int64_t r1) {
+    pool_rows<CT>(xp, op, ap, alpha, beta, r0, r1, C, H, W);
+  });
+}
+
+// relu(max_pool2d(batch_norm(x), 2, 2)): returns (out, argmax 0..3 as int32, mean, invstd,
+// var_unbiased).
+std::vector<Tensor> bn_pool_relu_forward(const Tensor& input, const Tensor& weight,
+                                         const Tensor& bias, double eps) {
+  Tensor x = channels_last(input);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(H >= 2 && W >= 2, "fused_bn: the input is smaller than the 2x2 pool");
+  Stats s = stats_and_affine(x, weight, bias, eps);
+  Tensor out = empty_nhwc(x, H / 2, W / 2, at::kFloat);
+  Tensor arg = empty_nhwc(x, H / 2, W / 2, at::kInt);
+  DISPATCH_C(C, pool_apply<CT>(x.data_ptr<float>(), out.data_ptr<float>(),
+                               arg.data_ptr<int32_t>(), N, C, H, W, s.alpha.data(),
+                               s.beta.data()));
+  return {out, arg, s.mean, s.invstd, s.var};
+}
+
+// Eager's formula: dx = (dy - (x - mean) * k - grad_mean) * invstd * w, with
+// k = sum(dy * (x - mean)) * invstd^2 / M and grad_mean = sum(dy) / M.
+struct Backward {
+  std::vector<float> mean, k, grad_mean, scale;
+  Tensor grad_weight, grad_bias;  // sum(dy * (x - mean)) * invstd and sum(dy)
+  Backward(const Tensor& mean_t, const Tensor& invstd_t, const Tensor& weight,
+           const std::vector<double>& sum, const std::vector<double>& dotp, int64_t M) {
+    const int64_t C = mean_t.numel();
+    const float *mp = mean_t.data_ptr<float>(), *ip = invstd_t.data_ptr<float>();
+    const Tensor w = vec(weight);
+    mean.assign(mp, mp + C);
+    k.resize(C);
+    grad_mean.resize(C);
+    scale.resize(C);
+    grad_weight = at::empty({C}, invstd_t.options());
+    grad_bias = at::empty({C}, invstd_t.options());
+    VECTOR_LOOP
+    for (int64_t c = 0; c < C; ++c) {
+      const double is = ip[c];
+      k[c] = static_cast<float>(dotp[c] * is * is / static_cast<double>(M));
+      grad_mean[c] = static_cast<float>(sum[c] / static_cast<double>(M));
+      scale[c] = static_cast<float>(is * w.data_ptr<float>()[c]);
+      grad_weight.data_ptr<float>()[c] = static_cast<float>(dotp[c] * is);
+      grad_bias.data_ptr<float>()[c] = static_cast<float>(sum[c]);
+    }
+  }
+};
+
+// Rows [r0, r1) of x [M, C]: s += dy, d += dy * (x - m), with dy = g where y > 0.
+template <int CT>
+void relu_sums(const float* __restrict gp, const float* __restrict yp, const float* __restrict xp,
+               const float* __restrict m, double* __restrict s, double* __restrict d,
+               int64_t r0, int64_t r1, int64_t C_) {
+  const int64_t C = CT ? CT : C_;
+  float dy[CT ? CT : kMaxC];
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t c0 = 0; c0 < C; c0 += kMaxC) {  // once for the compiled widths
+      const int64_t n = std::min<int64_t>(kMaxC, C - c0);
+      const float* g = gp + r * C + c0;
+      const float* y = yp + r * C + c0;
+      const float* x = xp + r * C + c0;
+      // the select in a loop of its own (with the sums it would not vectorise)
+      VECTOR_LOOP
+      for (int64_t c = 0; c < n; ++c) dy[c] = y[c] > 0.f ? g[c] : 0.f;
+      VECTOR_LOOP
+      for (int64_t c = 0; c < n; ++c) {
+        s[c0 + c] += dy[c];
+        d[c0 + c] += static_cast<double>(dy[c]) * (x[c] - m[c0 + c]);
+      }
+    }
+}
+
+template <int CT>
+void relu_dx(const float* __restrict gp, const float* __restrict yp, const float* __restrict xp,
+             float* __restrict dp, const float* __restrict m, const float* __restrict k,
+             const float* __restrict gm, const float* __restrict sc, int64_t r0, int64_t r1,
+             int64_t C_) {
+  const int64_t C = CT ? CT : C_;
+  for (int64_t r = r0; r < r1; ++r)
+    VECTOR_LOOP
+    for (int64_t c = 0; c < C; ++c) {
+      const float gv = gp[r * C + c];
+      const float dy = yp[r * C + c] > 0.f ? gv : 0.f;
+      dp[r * C + c] = (dy - (xp[r * C + c] - m[c]) * k[c] - gm[c]) * sc[c];
+    }
+}
+
+template <int CT>
+Backward bn_relu_grads(const float* gp, const float* yp, const float* xp, float* dp, int64_t M,
+                       int64_t C_, const Tensor& mean, const Tensor& invstd,
+                       const Tensor& weight) {
+  const int64_t C = CT ? CT : C_;
+  const float* mp = mean.data_ptr<float>();
+  const int64_t chunks = chunk_count(M);
+  std::vector<double> sums(chunks * C, 0.0), dots(chunks * C, 0.0);
+  for_chunks(M, chunks, [&](int64_t k, int64_t r0, int64_t r1) {
+    relu_sums<CT>(gp, yp, xp, mp, &sums[k * C], &dots[k * C], r0, r1, C);
+  });
+  Backward b(mean, invstd, weight, combine(sums, chunks, C), combine(dots, chunks, C), M);
+  for_chunks(M, chunk_count(M), [&](int64_t, int64_t r0, int64_t r1) {
+    relu_dx<CT>(gp, yp, xp, dp, b.mean.data(), b.k.data(), b.grad_mean.data(),
+                b.scale.data(), r0, r1, C);
+  });
+  return b;
+}
+
+// Gradients of relu(batch_norm(x)) given dL/dy: returns (dx, dweight, dbias).
+std::vector<Tensor> bn_relu_backward(const Tensor& grad_y, const Tensor& y_in,
+                                     const Tensor& x_in, const Tensor& mean,
+                                     const Tensor& invstd, const Tensor& weight) {
+  Tensor g = channels_last(grad_y), y = channels_last(y_in), x = channels_last(x_in);
+  const int64_t C = x.size(1), M = x.numel() / C;
+  Tensor dx = empty_nhwc(x, x.size(2), x.size(3), at::kFloat);
+  const float *gp = g.data_ptr<float>(), *yp = y.data_ptr<float>(), *xp = x.data_ptr<float>();
+  float* dp = dx.data_ptr<float>();
+  const Tensor m = vec(mean), is = vec(invstd);
+  std::vector<Tensor> result;
+  DISPATCH_C(C, {
+    Backward b = bn_relu_grads<CT>(gp, yp, xp, dp, M, C, m, is, weight);
+    result = {dx, b.grad_weight, b.grad_bias};
+  });
+  return result;
+}
+
+// Output rows [r0, r1) (n, ho): s += dy, d += dy * (x - m) at the selected positions, and
+// gg = dL/d(pool output) through the ReLU, for pool_dx.
+template <int CT>
+void pool_sums(const float* __restrict gp, const float* __restrict op,
+               const int32_t* __restrict ap, const float* __restrict xp,
+               const float* __restrict m, float* __restrict gg, double* __restrict s,
+               double* __restrict d, int64_t r0, int64_t r1, int64_t C_, int64_t H, int64_t W) {
+  const int64_t C = CT ? CT : C_, Ho = H / 2, Wo = W / 2;
+  float xs[CT ? CT : kMaxC];
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n = r / Ho, ho = r % Ho;
+    for (int64_t wo = 0; wo < Wo; ++wo) {
+      const int64_t o = ((n * Ho + ho) * Wo + wo) * C;
+      const float* p0 = xp + ((n * H + 2 * ho) * W + 2 * wo) * C;
+      const float* p1 = p0 + C;
+      const float* p2 = p0 + W * C;
+      const float* p3 = p2 + C;
+      for (int64_t c0 = 0; c0 < C; c0 += kMaxC) {  // once for the compiled widths
+        const int64_t n = std::min<int64_t>(kMaxC, C - c0);
+        const int64_t oc = o + c0;
+        // the selects in a loop of their own (with the sums they would not vectorise)
+        VECTOR_LOOP
+        for (int64_t c = 0; c < n; ++c) {
+          const int32_t j = ap[oc + c];
+          const float x0 = p0[c0 + c], x1 = p1[c0 + c], x2 = p2[c0 + c], x3 = p3[c0 + c];
+          xs[c] = j == 0 ? x0 : j == 1 ? x1 : j == 2 ? x2 : x3;
+          gg[oc + c] = op[oc + c] > 0.f ? gp[oc + c] : 0.f;
+        }
+        VECTOR_LOOP
+        for (int64_t c = 0; c < n; ++c) {
+          s[c0 + c] += gg[oc + c];
+          d[c0 + c] += static_cast<double>(gg[oc + c]) * (xs[c] - m[c0 + c]);
+        }
+      }
+    }
+  }
+}
+
+// Input rows [r0, r1) (n, h): dx for every position (dy = 0 outside the pooled area).
+template <int CT>
+void pool_dx(const float* __restrict gg, const int32_t* __restrict ap,
+             const float* __restrict xp, float* __restrict dp, const float* __restrict m,
+             const float* __restrict k, const float* __restrict gm, const float* __restrict sc,
+             int64_t r0, int64_t r1, int64_t C_, int64_t H, int64_t W) {
+  const int64_t C = CT ? CT : C_, Ho = H / 2, Wo = W / 2;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n = r / H, h = r % H, ho = h / 2;
+    for (int64_t w = 0; w < W; ++w) {
+      const int64_t i = ((n * H + h) * W + w) * C, wo = w / 2;
+      if (ho >= Ho || wo >= Wo) {
+        VECTOR_LOOP
+        for (int64_t c = 0; c < C; ++c)
+          dp[i + c] = (0.f - (xp[i + c] - m[c]) * k[c] - gm[c]) * sc[c];
+        continue;
+      }
+      const int32_t j = static_cast<int32_t>((h % 2) * 2 + w % 2);
+      const int64_t o = ((n * Ho + ho) * Wo + wo) * C;
+      VECTOR_LOOP
+      for (int64_t c = 0; c < C; ++c) {
+        const float gv = gg[o + c];
+        const float dy = ap[o + c] == j ? gv : 0.f;
+        dp[i + c] = (dy - (xp[i + c] - m[c]) * k[c] - gm[c]) * sc[c];
+      }
+    }
+  }
+}
+
+template <int CT>
+Backward pool_grads(const float* gp, const float* op, const int32_t* ap, const float* xp,
+                    float* gg, float* dp, int64_t N, int64_t C_, int64_t H, int64_t W,
+                    const Tensor& mean, const Tensor& invstd, const Tensor& weight) {
+  const int64_t C = CT ? CT : C_, rows = N * (H / 2), chunks = chunk_count(rows);
+  const float* mp = mean.data_ptr<float>();
+  std::vector<double> sums(chunks * C, 0.0), dots(chunks * C, 0.0);
+  for_chunks(rows, chunks, [&](int64_t k, int64_t r0, int64_t r1) {
+    pool_sums<CT>(gp, op, ap, xp, mp, gg, &sums[k * C], &dots[k * C], r0, r1, C, H, W);
+  });
+  Backward b(mean, invstd, weight, combine(sums, chunks, C), combine(dots, chunks, C),
+             N * H * W);
+  for_chunks(N * H, chunk_count(N * H), [&](int64_t, int64_t r0, int64_t r1) {
+    pool_dx<CT>(gg, ap, xp, dp, b.mean.data(), b.k.data(), b.grad_mean.data(), b.scale.data(),
+                r0, r1, C, H, W);
+  });
+  return b;
+}
+
+// Gradients of relu(max_pool2d(batch_norm(x), 2, 2)) given dL/dout: (dx, dweight, dbias).
+std::vector<Tensor> bn_pool_relu_backward(const Tensor& grad_out, const Tensor& out_in,
+                                          const Tensor& arg_in, const Tensor& x_in,
+                                          const Tensor& mean, const Tensor& invstd,
+                                          const Tensor& weight) {
+  Tensor g = channels_last(grad_out), out = channels_last(out_in), x = channels_last(x_in);
+  TORCH_CHECK(arg_in.scalar_type() == at::kInt, "fused_bn: expected an int32 argmax");
+  Tensor arg = arg_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  Tensor gg = at::empty({g.numel()}, g.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor dx = empty_nhwc(x, H, W, at::kFloat);
+  const Tensor m = vec(mean), is = vec(invstd);
+  std::vector<Tensor> result;
+  DISPATCH_C(C, {
+    Backward b = pool_grads<CT>(g.data_ptr<float>(), out.data_ptr<float>(),
+                                arg.data_ptr<int32_t>(), x.data_ptr<float>(),
+                                gg.data_ptr<float>(), dx.data_ptr<float>(), N, C, H, W, m, is,
+                                weight);
+    result = {dx, b.grad_weight, b.grad_bias};
+  });
+  return result;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("bn_relu_forward", &bn_relu_forward);
+  m.def("bn_relu_backward", &bn_relu_backward);
+  m.def("bn_pool_relu_forward", &bn_pool_relu_forward);
+  m.def("bn_pool_relu_backward", &bn_pool_relu_backward);
+}
