@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import os
 import shutil
+import time
 import warnings
 
 import pytest
@@ -190,3 +191,17 @@ def test_without_a_build_training_falls_back_to_the_eager_modules(monkeypatch, t
         assert calls[0] == 0 and history[0]["train_loss"] > 0
     finally:
         fused.extension.cache_clear()
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "some-build" / "lock"
+    lock.parent.mkdir()
+    lock.touch()  # a build in progress elsewhere: torch waits for it
+    assert fused._build_directory("some-build") == lock.parent and lock.exists()
+    old = time.time() - fused.STALE_LOCK_SECONDS - 1  # left by a killed build: torch would
+    os.utime(lock, (old, old))                        # wait for it forever
+    with pytest.warns(RuntimeWarning, match="stale build lock"):
+        fused._build_directory("some-build")
+    assert not lock.exists()
+    assert fused.build_name().startswith("mnist_fused_bn_")

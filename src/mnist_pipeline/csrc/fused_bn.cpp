@@ -27,7 +27,8 @@ namespace {
 
 using Tensor = at::Tensor;
 
-// Call f.template operator()<CT>() with CT = C for the model's widths, else CT = 0 (runtime).
+// Run the statement with a constexpr CT = C for the model's widths, else CT = 0 (C at run
+// time): the kernels take `CT ? CT : C` as their channel count.
 #define DISPATCH_C(C, ...)                         \
   switch (C) {                                     \
     case 16: { constexpr int CT = 16; __VA_ARGS__; break; } \
@@ -134,6 +135,7 @@ struct Stats {
 
 Stats stats_and_affine(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps) {
   const int64_t C = x.size(1), M = x.numel() / C;
+  TORCH_CHECK(M > 1, "fused_bn: expected more than 1 value per channel when training");
   auto opts = at::TensorOptions().dtype(at::kFloat);
   Stats s{at::empty({C}, opts), at::empty({C}, opts), at::empty({C}, opts), {}, {}};
   float *mp = s.mean.data_ptr<float>(), *ip = s.invstd.data_ptr<float>();
@@ -280,15 +282,15 @@ void relu_sums(const float* __restrict gp, const float* __restrict yp, const flo
   float dy[CT ? CT : kMaxC];
   for (int64_t r = r0; r < r1; ++r)
     for (int64_t c0 = 0; c0 < C; c0 += kMaxC) {  // once for the compiled widths
-      const int64_t n = std::min<int64_t>(kMaxC, C - c0);
+      const int64_t len = std::min<int64_t>(kMaxC, C - c0);
       const float* g = gp + r * C + c0;
       const float* y = yp + r * C + c0;
       const float* x = xp + r * C + c0;
       // the select in a loop of its own (with the sums it would not vectorise)
       VECTOR_LOOP
-      for (int64_t c = 0; c < n; ++c) dy[c] = y[c] > 0.f ? g[c] : 0.f;
+      for (int64_t c = 0; c < len; ++c) dy[c] = y[c] > 0.f ? g[c] : 0.f;
       VECTOR_LOOP
-      for (int64_t c = 0; c < n; ++c) {
+      for (int64_t c = 0; c < len; ++c) {
         s[c0 + c] += dy[c];
         d[c0 + c] += static_cast<double>(dy[c]) * (x[c] - m[c0 + c]);
       }
@@ -365,18 +367,19 @@ void pool_sums(const float* __restrict gp, const float* __restrict op,
       const float* p2 = p0 + W * C;
       const float* p3 = p2 + C;
       for (int64_t c0 = 0; c0 < C; c0 += kMaxC) {  // once for the compiled widths
-        const int64_t n = std::min<int64_t>(kMaxC, C - c0);
+        const int64_t len = std::min<int64_t>(kMaxC, C - c0);
         const int64_t oc = o + c0;
         // the selects in a loop of their own (with the sums they would not vectorise)
         VECTOR_LOOP
-        for (int64_t c = 0; c < n; ++c) {
+        for (int64_t c = 0; c < len; ++c) {  // (loads outside the selects: they vectorise)
           const int32_t j = ap[oc + c];
           const float x0 = p0[c0 + c], x1 = p1[c0 + c], x2 = p2[c0 + c], x3 = p3[c0 + c];
+          const float gv = gp[oc + c];
           xs[c] = j == 0 ? x0 : j == 1 ? x1 : j == 2 ? x2 : x3;
-          gg[oc + c] = op[oc + c] > 0.f ? gp[oc + c] : 0.f;
+          gg[oc + c] = op[oc + c] > 0.f ? gv : 0.f;
         }
         VECTOR_LOOP
-        for (int64_t c = 0; c < n; ++c) {
+        for (int64_t c = 0; c < len; ++c) {
           s[c0 + c] += gg[oc + c];
           d[c0 + c] += static_cast<double>(gg[oc + c]) * (xs[c] - m[c0 + c]);
         }
