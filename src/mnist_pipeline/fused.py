@@ -17,14 +17,13 @@ modules, with the same results up to rounding.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import logging
 import os
 import platform
+import shutil
 import sys
-import time
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -32,11 +31,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
+
+from .model import MnistCNN
 
 SOURCE = Path(__file__).with_name("csrc") / "fused_bn.cpp"
 # -march=native: the kernels are memory-bound loops that the compiler vectorises for this CPU.
 CFLAGS = ("-O3", "-fopenmp", "-march=native")
-STALE_LOCK_SECONDS = 600  # a build takes about 30 s
 _failures: list[str] = []
 
 
@@ -49,27 +50,20 @@ def _cpu_signature() -> str:
         return f"{platform.machine()} {platform.processor()}"
 
 
-def _build_directory(name: str) -> Path:
-    """$TORCH_EXTENSIONS_DIR/NAME (default ~/.cache/torch_extensions/NAME), created. A lock
-    file left there by a build that was killed (torch would wait for it forever) is removed
-    once it is older than any build takes."""
-    base = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
-    directory = Path(base) / name
-    directory.mkdir(parents=True, exist_ok=True)
-    lock = directory / "lock"
-    with contextlib.suppress(OSError):
-        if time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
-            lock.unlink()
-            warnings.warn(f"removed a stale build lock {lock} (a killed build?)",
-                          RuntimeWarning, stacklevel=3)
-    return directory
-
-
 def build_name() -> str:
-    """The cached build's name: a hash of the source, the flags, the CPU (a build for another
-    CPU in a shared home directory is never loaded) and the Python version."""
-    key = "\0".join([SOURCE.read_text(), " ".join(CFLAGS), _cpu_signature(), sys.version])
+    """The cached build's name: a hash of the source, the flags, the compiler, torch, the CPU
+    (a build for another CPU or torch in a shared cache is never loaded) and Python."""
+    key = "\0".join([SOURCE.read_text(), " ".join(CFLAGS),
+                     str(shutil.which(os.environ.get("CXX", "c++"))), torch.__version__,
+                     str(Path(torch.__file__).parent), _cpu_signature(), sys.version])
     return f"mnist_fused_bn_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _reason(exc: Exception) -> str:
+    """The telling line of a build failure (a compiler error, not ninja's last words)."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error:" in ln]  # the compiler's "file:line: error: ..."
+    return f"{type(exc).__name__}: {(errors or lines or [''])[0][:300]}"
 
 
 @functools.cache
@@ -84,12 +78,11 @@ def extension() -> ModuleType | None:
             from torch.utils import cpp_extension
         finally:
             logger.setLevel(level)
-        name = build_name()
-        return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=list(CFLAGS),
-                                  build_directory=str(_build_directory(name)))
+        # (torch serialises concurrent builds with an OS lock, released if a build is killed)
+        return cpp_extension.load(name=build_name(), sources=[str(SOURCE)],
+                                  extra_cflags=list(CFLAGS))
     except Exception as exc:  # no compiler, no ninja, a read-only cache, ...
-        lines = str(exc).strip().splitlines()
-        _failures.append(f"{type(exc).__name__}: {lines[-1] if lines else ''}")
+        _failures.append(_reason(exc))
         warnings.warn(f"fused CPU kernels unavailable ({_failures[-1]}); training with the "
                       "eager modules (same results up to rounding)", RuntimeWarning,
                       stacklevel=2)
@@ -102,33 +95,48 @@ def unavailable_reason() -> str | None:
 
 
 def _is_bn(m: nn.Module) -> bool:
-    return (isinstance(m, nn.BatchNorm2d) and m.affine and m.track_running_stats
+    return (type(m) is nn.BatchNorm2d and m.affine and m.track_running_stats
             and m.momentum is not None)
 
 
 def _is_pool(m: nn.Module) -> bool:
-    return (isinstance(m, nn.MaxPool2d) and m.kernel_size in (2, (2, 2))
+    return (type(m) is nn.MaxPool2d and m.kernel_size in (2, (2, 2))
             and m.stride in (2, (2, 2)) and m.padding in (0, (0, 0))
-            and m.dilation in (1, (1, 1)) and not m.ceil_mode)
+            and m.dilation in (1, (1, 1)) and not m.ceil_mode and not m.return_indices)
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
 
 
 def supports(model: nn.Module) -> bool:
-    """Whether `model` has MnistCNN's layout: conv-BN-ReLU, conv-BN-pool-ReLU twice."""
+    """Whether `model` is an MnistCNN as built (conv-BN-ReLU, then conv-BN-pool-ReLU twice,
+    plain modules, no forward hooks), so that `forward` may run its blocks fused."""
     f = getattr(model, "features", None)
-    if not isinstance(f, nn.Sequential) or len(f) != 11:
+    if (type(model).forward is not MnistCNN.forward or not isinstance(f, nn.Sequential)
+            or len(f) != 11):
         return False
-    kinds = [isinstance(f[i], nn.Conv2d) for i in (0, 3, 7)]
-    kinds += [_is_bn(f[i]) for i in (1, 4, 8)] + [_is_pool(f[i]) for i in (5, 9)]
-    kinds += [isinstance(f[i], nn.ReLU) for i in (2, 6, 10)]
-    return all(kinds) and hasattr(model, "classifier")
+    layout = [type(f[i]) is nn.Conv2d for i in (0, 3, 7)]
+    layout += [_is_bn(f[i]) for i in (1, 4, 8)] + [_is_pool(f[i]) for i in (5, 9)]
+    layout += [type(f[i]) is nn.ReLU for i in (2, 6, 10)]
+    hooks = (torch.nn.modules.module._global_forward_hooks
+             or torch.nn.modules.module._global_forward_pre_hooks
+             or any(_hooked(m) for m in (model, f, *f)))
+    return all(layout) and not hooks
 
 
 def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`model(x)` for an MnistCNN (see `supports`), with the fused kernels where they apply:
-    in training mode, float32 on the CPU, outside torch.compile; else plainly `model(x)`."""
-    f = model.features
-    if not (model.training and x.device.type == "cpu" and x.dtype == torch.float32
-            and not torch.compiler.is_compiling() and extension() is not None):
+    """`model(x)`, with the fused kernels where they apply: an MnistCNN as built
+    (`supports`) in the channels-last memory format whose BatchNorm layers are in training
+    mode, a float32 CPU input, outside autocast and torch.compile, and a built extension;
+    else plainly `model(x)`."""
+    f = getattr(model, "features", None)
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and supports(model)
+            and all(f[i].weight.is_contiguous(memory_format=torch.channels_last)
+                    for i in (3, 7))  # (then every conv output is channels-last too)
+            and all(f[i].training for i in (1, 4, 8))
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and extension() is not None):
         return model(x)
     h = bn_relu(f[0](x), f[1])
     h = bn_pool_relu(f[3](h), f[4])
@@ -156,6 +164,7 @@ class _BnRelu(torch.autograd.Function):
         return y, mean, var
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad_y: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
         y, x, mean, invstd, weight = ctx.saved_tensors
         dx, dw, db = extension().bn_relu_backward(grad_y, y, x, mean, invstd, weight)
@@ -172,6 +181,7 @@ class _BnPoolRelu(torch.autograd.Function):
         return out, mean, var
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
         out, arg, x, mean, invstd, weight = ctx.saved_tensors
         dx, dw, db = extension().bn_pool_relu_backward(grad_out, out, arg, x, mean, invstd,

@@ -78,7 +78,8 @@ class TrainParams:
     compile: bool = False
     fused_optimizer: bool = True
     # BatchNorm+ReLU(+max-pool) in one compiled CPU kernel each way (mnist_pipeline.fused);
-    # the eager modules where it cannot be built, on a GPU, with bf16 or with compile.
+    # the eager modules where it cannot be built, on a GPU, with bf16, with compile or
+    # without channels_last.
     fused_kernels: bool = True
     eval_batch_size: int = field(default=1000, metadata=_num(1, 10000))
     cuda_deterministic: bool = True

@@ -94,7 +94,8 @@ def fused_kernels_status(params: TrainParams, device: torch.device) -> str:
     if not params.fused_kernels:
         return "off"
     for excluded, why in ((device.type != "cpu", device.type), (params.amp != "none", "amp"),
-                          (params.compile, "compile")):
+                          (params.compile, "compile"),
+                          (not params.channels_last, "needs channels_last")):
         if excluded:
             return f"off ({why})"
     return "on" if fused.extension() is not None else f"unavailable ({fused.unavailable_reason()})"

@@ -73,9 +73,18 @@ Tensor channels_last(const Tensor& t) {
   return t.contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-Tensor vec(const Tensor& t) {
-  TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kFloat, "fused_bn: expected float32 [C]");
+Tensor vec(const Tensor& t, int64_t C) {
+  TORCH_CHECK(t.dim() == 1 && t.numel() == C && t.scalar_type() == at::kFloat &&
+                  t.device().is_cpu(),
+              "fused_bn: expected a float32 CPU tensor of ", C, " channel values");
   return t.contiguous();
+}
+
+void check_shape(const Tensor& t, const Tensor& x, int64_t H, int64_t W, const char* what) {
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == x.size(0) && t.size(1) == x.size(1) &&
+                  t.size(2) == H && t.size(3) == W,
+              "fused_bn: ", what, " has shape ", t.sizes(), ", expected [", x.size(0), ", ",
+              x.size(1), ", ", H, ", ", W, "]");
 }
 
 Tensor empty_nhwc(const Tensor& x, int64_t H, int64_t W, at::ScalarType dtype) {
@@ -141,7 +150,7 @@ Stats stats_and_affine(const Tensor& x, const Tensor& weight, const Tensor& bias
   float *mp = s.mean.data_ptr<float>(), *ip = s.invstd.data_ptr<float>();
   DISPATCH_C(C, batch_stats<CT>(x.data_ptr<float>(), M, C, eps, mp, ip,
                                 s.var.data_ptr<float>()));
-  const Tensor w = vec(weight), b = vec(bias);
+  const Tensor w = vec(weight, C), b = vec(bias, C);
   s.alpha.resize(C);
   s.beta.resize(C);
   VECTOR_LOOP
@@ -254,7 +263,7 @@ struct Backward {
            const std::vector<double>& sum, const std::vector<double>& dotp, int64_t M) {
     const int64_t C = mean_t.numel();
     const float *mp = mean_t.data_ptr<float>(), *ip = invstd_t.data_ptr<float>();
-    const Tensor w = vec(weight);
+    const Tensor w = vec(weight, C);
     mean.assign(mp, mp + C);
     k.resize(C);
     grad_mean.resize(C);
@@ -337,10 +346,12 @@ std::vector<Tensor> bn_relu_backward(const Tensor& grad_y, const Tensor& y_in,
                                      const Tensor& invstd, const Tensor& weight) {
   Tensor g = channels_last(grad_y), y = channels_last(y_in), x = channels_last(x_in);
   const int64_t C = x.size(1), M = x.numel() / C;
+  check_shape(g, x, x.size(2), x.size(3), "the gradient");
+  check_shape(y, x, x.size(2), x.size(3), "the output");
   Tensor dx = empty_nhwc(x, x.size(2), x.size(3), at::kFloat);
   const float *gp = g.data_ptr<float>(), *yp = y.data_ptr<float>(), *xp = x.data_ptr<float>();
   float* dp = dx.data_ptr<float>();
-  const Tensor m = vec(mean), is = vec(invstd);
+  const Tensor m = vec(mean, C), is = vec(invstd, C);
   std::vector<Tensor> result;
   DISPATCH_C(C, {
     Backward b = bn_relu_grads<CT>(gp, yp, xp, dp, M, C, m, is, weight);
@@ -445,9 +456,13 @@ std::vector<Tensor> bn_pool_relu_backward(const Tensor& grad_out, const Tensor& 
   TORCH_CHECK(arg_in.scalar_type() == at::kInt, "fused_bn: expected an int32 argmax");
   Tensor arg = arg_in.contiguous(at::MemoryFormat::ChannelsLast);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(H >= 2 && W >= 2, "fused_bn: the input is smaller than the 2x2 pool");
+  check_shape(g, x, H / 2, W / 2, "the gradient");
+  check_shape(out, x, H / 2, W / 2, "the output");
+  check_shape(arg, x, H / 2, W / 2, "the argmax");
   Tensor gg = at::empty({g.numel()}, g.options().memory_format(at::MemoryFormat::Contiguous));
   Tensor dx = empty_nhwc(x, H, W, at::kFloat);
-  const Tensor m = vec(mean), is = vec(invstd);
+  const Tensor m = vec(mean, C), is = vec(invstd, C);
   std::vector<Tensor> result;
   DISPATCH_C(C, {
     Backward b = pool_grads<CT>(g.data_ptr<float>(), out.data_ptr<float>(),
@@ -462,8 +477,10 @@ std::vector<Tensor> bn_pool_relu_backward(const Tensor& grad_out, const Tensor& 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("bn_relu_forward", &bn_relu_forward);
-  m.def("bn_relu_backward", &bn_relu_backward);
-  m.def("bn_pool_relu_forward", &bn_pool_relu_forward);
-  m.def("bn_pool_relu_backward", &bn_pool_relu_backward);
+  // The kernels touch no Python object: other Python threads may run meanwhile (as in eager).
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("bn_relu_forward", &bn_relu_forward, nogil);
+  m.def("bn_relu_backward", &bn_relu_backward, nogil);
+  m.def("bn_pool_relu_forward", &bn_pool_relu_forward, nogil);
+  m.def("bn_pool_relu_backward", &bn_pool_relu_backward, nogil);
 }
