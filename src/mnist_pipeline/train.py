@@ -296,7 +296,7 @@ def fit(
     step_fn: Callable | None = None
     if params.compile:
         step_fn = torch.compile(state.model)
-    elif fused_kernels_status(params, x.device) == "on" and fused.supports(state.model):
+    elif fused_kernels_status(params, x.device) == "on":  # (forward checks the model itself)
         step_fn = functools.partial(fused.forward, state.model)
     augment = None
     if params.augment:
