@@ -8,7 +8,10 @@ import copy
 import dataclasses
 import os
 import shutil
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -215,6 +218,29 @@ def test_fit_uses_the_kernels_by_default_and_learns_as_eager(monkeypatch):
         assert fused_kernels_status(dataclasses.replace(params, **option), CPU) == \
             f"off ({why})"
     assert fused_kernels_status(params, torch.device("cuda")) == "off (cuda)"
+
+
+def test_a_checkout_at_another_path_reuses_the_cached_build(tmp_path):
+    # e.g. a `dvc exp run --queue` copy of the project: the same source at another path, in
+    # another process. A small module stands in for the kernels (same build, quicker compile).
+    source = ("#include <torch/extension.h>\n"
+              "PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.attr(\"answer\") = 42; }\n")
+    load = ("import sys, pathlib\nfrom mnist_pipeline import fused\n"
+            "fused.SOURCE = pathlib.Path(sys.argv[1])\nmodule = fused.extension()\n"
+            "assert module is not None and module.answer == 42, fused.unavailable_reason()\n"
+            "print(module.__file__)\n")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "builds")}
+    builds = []
+    for checkout in ("one", "two"):
+        copy_ = tmp_path / checkout / "fused_bn.cpp"
+        copy_.parent.mkdir()
+        copy_.write_text(source)
+        done = subprocess.run([sys.executable, "-c", load, str(copy_)], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        so = Path(done.stdout.strip().splitlines()[-1])
+        builds.append((so, so.stat().st_mtime_ns))
+    assert builds[0] == builds[1]  # built once, not recompiled for the second path
 
 
 def test_without_a_build_training_falls_back_to_the_eager_modules(monkeypatch, tmp_path):

@@ -10,9 +10,9 @@ class itself is untouched (its state dict, export and evaluation do not involve 
 
 The C++ source is compiled on first use with torch.utils.cpp_extension (a C++ compiler with
 OpenMP and ninja are needed; about 30 s on 2 cores), then cached under $TORCH_EXTENSIONS_DIR
-(default ~/.cache/torch_extensions). Where it cannot be built, `extension()` returns None with
-a warning and the reason in `unavailable_reason()`: the model then trains with the eager
-modules, with the same results up to rounding.
+(default ~/.cache/torch_extensions) for every checkout of the same source. Where it cannot
+be built, `extension()` returns None with a warning and the reason in `unavailable_reason()`:
+the model then trains with the eager modules, with the same results up to rounding.
 """
 
 from __future__ import annotations
@@ -78,9 +78,12 @@ def extension() -> ModuleType | None:
             from torch.utils import cpp_extension
         finally:
             logger.setLevel(level)
+        # load_inline, not load: the source is copied into the build folder (main.cpp), so a
+        # checkout at another path (a `dvc exp run --queue` copy, a test's temporary project)
+        # reuses the cached build instead of recompiling because ninja saw a new source path.
         # (torch serialises concurrent builds with an OS lock, released if a build is killed)
-        return cpp_extension.load(name=build_name(), sources=[str(SOURCE)],
-                                  extra_cflags=list(CFLAGS))
+        return cpp_extension.load_inline(name=build_name(), cpp_sources=[SOURCE.read_text()],
+                                         extra_cflags=list(CFLAGS), no_implicit_headers=True)
     except Exception as exc:  # no compiler, no ninja, a read-only cache, ...
         _failures.append(_reason(exc))
         warnings.warn(f"fused CPU kernels unavailable ({_failures[-1]}); training with the "
