@@ -75,6 +75,25 @@ def test_deployable_model_normalises_and_returns_probabilities():
     torch.testing.assert_close(probs, torch.softmax(net((pixels - 0.1307) / 0.3081), 1))
 
 
+def test_deployable_copy_is_channels_last_and_computes_the_same():
+    from mnist_pipeline.registry import deployable
+
+    torch.manual_seed(0)
+    net = MnistCNN()
+    net(torch.randn(8, 1, 28, 28))  # some batch statistics in the running estimates
+    net.eval()
+    served = deployable(net, 0.1307, 0.3081, tta=True)
+    convs = [m for m in served.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 3 and all(
+        c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    assert not any(m.training for m in served.modules())
+    assert next(net.parameters()).is_contiguous()  # the original is left as it was
+    pixels = torch.rand(6, 1, 28, 28)
+    with torch.no_grad():
+        expected = DeployableModel(net, 0.1307, 0.3081, tta=True).eval()(pixels)
+        torch.testing.assert_close(served(pixels), expected, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_same_function_and_gradients_as_the_reference_layer_order(channels_last):
     # MnistCNN applies each ReLU after its max-pool and in place (faster); the outputs,

@@ -269,7 +269,7 @@ def test_cpu_determinism_skips_the_nan_fill_and_changes_no_bit(subset):
 def test_tune_cpu_allocator_applies_on_glibc_only_and_is_idempotent():
     import os
 
-    from mnist_pipeline.train import tune_cpu_allocator
+    from mnist_pipeline.allocator import tune_cpu_allocator
 
     try:
         glibc = os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")

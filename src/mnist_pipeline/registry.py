@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -37,9 +38,14 @@ class RegisteredModel:
         return f"models:/{self.registered_model}/{self.version}"
 
 
-def deployable(net: nn.Module, mean: float, std: float, tta: bool = False) -> nn.Module:
-    """A CPU, eval-mode copy of `net` that takes raw [0, 1] pixels and returns probabilities."""
-    net = copy.deepcopy(net).to("cpu", memory_format=torch.contiguous_format).float()
+def deployable(net: nn.Module, mean: float, std: float, tta: bool = False) -> DeployableModel:
+    """A CPU, eval-mode copy of `net` that takes raw [0, 1] pixels and returns probabilities.
+
+    Its convolution weights are channels-last, which the exported graph keeps: the activations
+    then stay channels-last too, and the test set runs 2-2.5x faster on a CPU than in NCHW
+    (bench/RESULTS.md), with the same outputs up to rounding.
+    """
+    net = copy.deepcopy(net).to("cpu").float().to(memory_format=torch.channels_last)
     return DeployableModel(net, mean, std, tta).eval()
 
 
@@ -65,15 +71,19 @@ def log_and_register(
 
     if example.ndim != 4 or example.shape[0] < 2:
         raise ValueError("the input example must hold at least two images")
-    info = mlflow.pytorch.log_model(
-        model,
-        name=MODEL_NAME_IN_RUN,
-        serialization_format="pt2",
-        signature=signature(),
-        input_example=example.astype(np.float32),
-        registered_model_name=registered_model,
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
-    )
+    with warnings.catch_warnings():
+        # torch.export's saver says this of every strided (channels-last) weight; it matters
+        # only for weights that are not on the CPU, and a deployable model's all are.
+        warnings.filterwarnings("ignore", message="No complete tensor found in the group")
+        info = mlflow.pytorch.log_model(
+            model,
+            name=MODEL_NAME_IN_RUN,
+            serialization_format="pt2",
+            signature=signature(),
+            input_example=example.astype(np.float32),
+            registered_model_name=registered_model,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
+        )
     return RegisteredModel(
         run_id=run_id, model_uri=info.model_uri, registered_model=registered_model,
         version=int(info.registered_model_version),
