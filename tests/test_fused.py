@@ -223,7 +223,7 @@ def test_fit_uses_the_kernels_by_default_and_learns_as_eager(monkeypatch):
 def test_a_checkout_at_another_path_reuses_the_cached_build(tmp_path):
     # e.g. a `dvc exp run --queue` copy of the project: the same source at another path, in
     # another process. A small module stands in for the kernels (same build, quicker compile).
-    source = ("#include <torch/extension.h>\n"
+    source = ("#include <pybind11/pybind11.h>\n"
               "PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.attr(\"answer\") = 42; }\n")
     load = ("import sys, pathlib\nfrom mnist_pipeline import fused\n"
             "fused.SOURCE = pathlib.Path(sys.argv[1])\nmodule = fused.extension()\n"

@@ -11,14 +11,16 @@ import json
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from .errors import PipelineError
-from .model import DeployableModel
+
+if TYPE_CHECKING:  # torch is imported where it is used: `mnist-pipeline models` needs none
+    from torch import nn
+
+    from .model import DeployableModel
 
 INPUT_SHAPE = (-1, 1, 28, 28)
 MODEL_NAME_IN_RUN = "model"
@@ -45,6 +47,10 @@ def deployable(net: nn.Module, mean: float, std: float, tta: bool = False) -> De
     then stay channels-last too, and the test set runs 2-2.5x faster on a CPU than in NCHW
     (bench/RESULTS.md), with the same outputs up to rounding.
     """
+    import torch
+
+    from .model import DeployableModel
+
     net = copy.deepcopy(net).to("cpu").float().to(memory_format=torch.channels_last)
     return DeployableModel(net, mean, std, tta).eval()
 
@@ -68,6 +74,7 @@ def log_and_register(
     more than one image keeps the exported graph's batch dimension dynamic.
     """
     import mlflow
+    import torch
 
     if example.ndim != 4 or example.shape[0] < 2:
         raise ValueError("the input example must hold at least two images")
