@@ -91,6 +91,29 @@ def test_same_function_gradients_and_running_stats_as_eager(pool, shape):
     assert bn_fused.num_batches_tracked.item() == bn_eager.num_batches_tracked.item() == 1
 
 
+@pytest.mark.parametrize("pool", [False, True], ids=["bn_relu", "bn_pool_relu"])
+def test_statistics_of_activations_far_from_zero(pool):
+    # the kernels take the variance from sums of x and x^2 (in double, one pass): with a mean
+    # 3000 standard deviations from 0 the output and statistics must still match float64, and
+    # the gradients (float32's x - mean loses digits here, in eager as in the kernels) be no
+    # further from it than eager's
+    x = (_input(8, 16, 14, 14) * 0.01 + 30.0).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn((8, 16, 7, 7) if pool else (8, 16, 14, 14),
+                       generator=torch.Generator().manual_seed(2))
+    bn_ref, bn_eager, bn_fused = _bn(16).double(), _bn(16), _bn(16)
+    ref = _run(lambda v, b: _eager(v, b, pool), x.double(), bn_ref, grad.double())
+    eager = _run(lambda v, b: _eager(v, b, pool), x, bn_eager, grad)
+    got = _run(fused.bn_pool_relu if pool else fused.bn_relu, x, bn_fused, grad)
+    for name, r, e, f in zip(("out", "dx", "dweight", "dbias"), ref, eager, got, strict=True):
+        bound = 1e-4 * (r.abs().max().item() or 1.0)
+        if name != "out":
+            bound = max(bound, 2 * (e.double() - r).abs().max().item())
+        assert (f.double() - r).abs().max().item() <= bound, name
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(bn_fused, name).double(), getattr(bn_ref, name),
+                                   rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("sign", [1.0, -1.0], ids=["scale+", "scale-"])
 def test_pool_routes_ties_to_the_first_maximum_in_row_major_order(sign):
     # every window holds two values a < b in one of the tie patterns below: a row-major scan
