@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 import shutil
 import subprocess
@@ -114,6 +115,43 @@ def test_statistics_of_activations_far_from_zero(pool):
                                    rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("shape", [(8, 16, 28, 28), (3, 5, 7, 9), (2, 80, 6, 5)],
+                         ids=["c16", "c5-odd-generic", "c80-generic-blocks"])
+def test_first_conv_block_same_function_gradients_and_running_stats(shape):
+    # conv_bn_relu recomputes the 1-channel 3x3 convolution instead of storing it; padding,
+    # taps and the weight gradient must be eager's (a tap off by one pixel is far off)
+    n, c, h, w = shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 1, h, w, generator=g)
+    x[:, :, : h // 3] = -0.42  # a constant band (MNIST's background)
+    grad = torch.randn(n, c, h, w, generator=g)
+
+    def layers(dtype):
+        torch.manual_seed(1)
+        conv, bn = nn.Conv2d(1, c, 3, padding=1), _bn(c)
+        return conv.to(dtype), bn.to(dtype)
+
+    results = {}
+    for kind, dtype in (("ref", torch.float64), ("eager", torch.float32),
+                        ("fused", torch.float32)):
+        conv, bn = layers(dtype)
+        xx, gg = x.to(dtype), grad.to(dtype)
+        y = fused.conv_bn_relu(xx, conv, bn) if kind == "fused" else F.relu(bn(conv(xx)))
+        grads = torch.autograd.grad(y, [conv.weight, conv.bias, bn.weight, bn.bias], gg)
+        results[kind] = (y, *grads, bn.running_mean, bn.running_var)
+    names = ("out", "dconv_weight", "dconv_bias", "dweight", "dbias", "running_mean",
+             "running_var")
+    dconv_scale = results["ref"][1].abs().max().item()
+    for i, name in enumerate(names):
+        r, f = results["ref"][i], results["fused"][i]
+        assert f.shape == r.shape and f.dtype == torch.float32, name
+        # (the conv bias's gradient is 0 but for rounding: BatchNorm subtracts the mean)
+        scale = dconv_scale if name == "dconv_bias" else r.abs().max().item() or 1.0
+        assert (f.double() - r).abs().max().item() <= 1e-5 * scale, name
+    with pytest.raises(ValueError, match="no gradient for its input"):
+        fused.conv_bn_relu(x.requires_grad_(), *layers(torch.float32))
+
+
 @pytest.mark.parametrize("sign", [1.0, -1.0], ids=["scale+", "scale-"])
 def test_pool_routes_ties_to_the_first_maximum_in_row_major_order(sign):
     # every window holds two values a < b in one of the tie patterns below: a row-major scan
@@ -176,6 +214,24 @@ def test_model_forward_matches_the_model_and_eval_mode_is_untouched():
     model.eval()  # evaluation never involves the kernels: bit for bit the model
     with torch.no_grad():
         assert torch.equal(fused.forward(model, x), model(x))
+
+
+def test_model_forward_gives_the_input_its_gradient_when_asked():
+    # the fused first block computes no input gradient: with an input that needs one, the
+    # first convolution runs as the module (e.g. for saliency maps or adversarial examples)
+    torch.manual_seed(0)
+    model = MnistCNN().to(memory_format=torch.channels_last).train()
+    twin, ref = copy.deepcopy(model), copy.deepcopy(model).double()
+    x = to_tensor(load_real("train", 16)[0], 0.1307, 0.3081, CPU, channels_last=True)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_(),
+          x.double().requires_grad_()]
+    for net, xx in zip((functools.partial(fused.forward, model), twin, ref), xs, strict=True):
+        net(xx).square().sum().backward()
+    got, eager, want = (xx.grad.double() for xx in xs)
+    scale = want.abs().max().item()
+    assert scale > 0
+    assert (got - want).abs().max().item() <= max(2 * (eager - want).abs().max().item(),
+                                                  1e-5 * scale)
 
 
 @pytest.mark.parametrize("change", ["frozen-bn", "hook", "nchw", "subclass", "autocast"])

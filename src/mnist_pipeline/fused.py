@@ -1,12 +1,14 @@
 """Fused CPU training kernels for the model's BatchNorm blocks (csrc/fused_bn.cpp).
 
-`bn_relu(x, bn)` is `relu(bn(x))` and `bn_pool_relu(x, bn)` is `relu(max_pool2d(bn(x), 2))`
-for a BatchNorm2d `bn` in training mode (batch statistics; its running estimates are updated
-as BatchNorm2d updates them), on float32 CPU tensors. They compute the same function and
-gradients as the eager modules with fewer passes over memory; only the order of rounding
-differs (tests/test_fused.py compares them, also against float64). `forward(model, x)` is
-`model(x)` for a training MnistCNN with its three conv blocks run through them: the model
-class itself is untouched (its state dict, export and evaluation do not involve them).
+`bn_relu(x, bn)` is `relu(bn(x))`, `bn_pool_relu(x, bn)` is `relu(max_pool2d(bn(x), 2))` and
+`conv_bn_relu(x, conv, bn)` is `relu(bn(conv(x)))` for the model's first convolution (3x3, of
+1-channel images), for a BatchNorm2d `bn` in training mode (batch statistics; its running
+estimates are updated as BatchNorm2d updates them), on float32 CPU tensors. They compute the
+same function and gradients as the eager modules with fewer passes over memory; only the
+order of rounding differs (tests/test_fused.py compares them, also against float64).
+`forward(model, x)` is `model(x)` for a training MnistCNN with its three conv blocks run
+through them: the model class itself is untouched (its state dict, export and evaluation do
+not involve them).
 
 The C++ source is compiled on first use with torch.utils.cpp_extension (a C++ compiler with
 OpenMP and ninja are needed; about 30 s on 2 cores), then cached under $TORCH_EXTENSIONS_DIR
@@ -108,6 +110,13 @@ def _is_pool(m: nn.Module) -> bool:
             and m.dilation in (1, (1, 1)) and not m.ceil_mode and not m.return_indices)
 
 
+def _is_first_conv(m: nn.Module) -> bool:
+    """A 3x3 convolution of a 1-channel image with padding 1, as `conv_bn_relu` computes it."""
+    return (type(m) is nn.Conv2d and m.in_channels == 1 and m.kernel_size == (3, 3)
+            and m.stride == (1, 1) and m.padding == (1, 1) and m.dilation == (1, 1)
+            and m.groups == 1 and m.bias is not None and m.padding_mode == "zeros")
+
+
 def _hooked(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks)
 
@@ -141,7 +150,10 @@ def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
             and extension() is not None):
         return model(x)
-    h = bn_relu(f[0](x), f[1])
+    if _is_first_conv(f[0]) and not x.requires_grad:
+        h = conv_bn_relu(x, f[0], f[1])
+    else:
+        h = bn_relu(f[0](x), f[1])
     h = bn_pool_relu(f[3](h), f[4])
     h = bn_pool_relu(f[7](h), f[8])
     return model.classifier(h.flatten(1))
@@ -190,6 +202,37 @@ class _BnPoolRelu(torch.autograd.Function):
         dx, dw, db = extension().bn_pool_relu_backward(grad_out, out, arg, x, mean, invstd,
                                                        weight)
         return dx, dw, db, None
+
+
+class _ConvBnRelu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tensor,
+                weight: torch.Tensor, bias: torch.Tensor, eps: float
+                ) -> tuple[torch.Tensor, ...]:
+        y, mean, invstd, var = extension().conv_bn_relu_forward(x, conv_w, conv_b, weight,
+                                                                bias, eps)
+        ctx.save_for_backward(y, x, conv_w, conv_b, mean, invstd, weight)
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_y: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
+        y, x, conv_w, conv_b, mean, invstd, weight = ctx.saved_tensors
+        dcw, dcb, dw, db = extension().conv_bn_relu_backward(grad_y, y, x, conv_w, conv_b,
+                                                             mean, invstd, weight)
+        return None, dcw, dcb, dw, db, None  # (x is the data: it needs no gradient)
+
+
+def conv_bn_relu(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """relu(bn(conv(x))) for a 3x3, padding-1 `conv` of 1-channel images x that need no
+    gradient, `bn` in training mode (float32, CPU; needs `extension()`). The convolution's
+    output is computed on the fly, twice each way, and never stored."""
+    if x.requires_grad:
+        raise ValueError("conv_bn_relu computes no gradient for its input")
+    y, mean, var = _ConvBnRelu.apply(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.eps)
+    _update_running(bn, mean, var)
+    return y
 
 
 def bn_relu(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:

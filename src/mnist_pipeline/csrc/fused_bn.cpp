@@ -472,6 +472,196 @@ std::vector<Tensor> bn_pool_relu_backward(const Tensor& grad_out, const Tensor& 
   return result;
 }
 
+// --- The first block: 3x3 convolution of a 1-channel image (padding 1) + BatchNorm + ReLU ---
+// The convolution has 9 taps per output: cheap enough to compute twice. So its output z is
+// never stored: the forward pass computes z for the statistics, then again to normalise it;
+// the backward pass recomputes it from the (small) input. This saves writing and re-reading
+// a [N, C, H, W] tensor each way, and the convolution's own weight-gradient pass.
+
+// Rows h-1, h, h+1 of image xp [H, W], zero-padded to [3, W + 2] (zeros outside the image).
+inline void padded_rows(const float* __restrict xp, int64_t h, int64_t H, int64_t W,
+                        float* __restrict pad) {
+  for (int64_t i = 0; i < 3; ++i) {
+    float* row = pad + i * (W + 2);
+    const int64_t hh = h + i - 1;
+    row[0] = row[W + 1] = 0.f;
+    for (int64_t w = 0; w < W; ++w) row[w + 1] = (hh >= 0 && hh < H) ? xp[hh * W + w] : 0.f;
+  }
+}
+
+// z [W, C] of one output row from its padded input rows: bias + the 9 taps in row-major
+// order; wt is [9, C].
+template <int CT>
+void conv_row(const float* __restrict pad, int64_t W, const float* __restrict wt,
+              const float* __restrict bias, float* __restrict z, int64_t C_) {
+  const int64_t C = CT ? CT : C_;
+  for (int64_t w = 0; w < W; ++w) {
+    float v[9];
+    for (int k = 0; k < 9; ++k) v[k] = pad[(k / 3) * (W + 2) + w + k % 3];
+    float* zr = z + w * C;
+    VECTOR_LOOP
+    for (int64_t c = 0; c < C; ++c) {
+      float s = bias[c];
+      for (int k = 0; k < 9; ++k) s += wt[k * C + c] * v[k];
+      zr[c] = s;
+    }
+  }
+}
+
+struct Conv1 {
+  Tensor x;  // [N, H, W] contiguous
+  int64_t N, H, W, C;
+  std::vector<float> wt, bias;  // [9, C] and [C]
+  Conv1(const Tensor& input, const Tensor& weight, const Tensor& bias_t) {
+    TORCH_CHECK(input.dim() == 4 && input.size(1) == 1 && input.scalar_type() == at::kFloat &&
+                    input.device().is_cpu(),
+                "fused_bn: expected a [N, 1, H, W] float32 CPU input");
+    TORCH_CHECK(weight.dim() == 4 && weight.size(1) == 1 && weight.size(2) == 3 &&
+                    weight.size(3) == 3 && weight.scalar_type() == at::kFloat,
+                "fused_bn: expected a float32 [C, 1, 3, 3] convolution weight");
+    x = input.contiguous();
+    N = x.size(0), H = x.size(2), W = x.size(3), C = weight.size(0);
+    const Tensor wc = weight.contiguous(), b = vec(bias_t, C);
+    wt.resize(9 * C);
+    for (int64_t c = 0; c < C; ++c)
+      for (int k = 0; k < 9; ++k) wt[k * C + c] = wc.data_ptr<float>()[c * 9 + k];
+    bias.assign(b.data_ptr<float>(), b.data_ptr<float>() + C);
+  }
+  const float* image(int64_t n) const { return x.data_ptr<float>() + n * H * W; }
+};
+
+// For each output row r = (n, h) in chunks: f(chunk, r, pad, z, scratch) with pad = its
+// padded input rows [3, W + 2], z = its convolution [W, C] and scratch = (W + 10) * C floats
+// for f (per-chunk buffers).
+template <int CT, typename F>
+void conv_rows(const Conv1& cv, const F& f) {
+  const int64_t rows = cv.N * cv.H, C = cv.C;
+  for_chunks(rows, chunk_count(rows), [&](int64_t k, int64_t r0, int64_t r1) {
+    std::vector<float> z(cv.W * C), pad(3 * (cv.W + 2)), scratch((cv.W + 10) * C);
+    for (int64_t r = r0; r < r1; ++r) {
+      padded_rows(cv.image(r / cv.H), r % cv.H, cv.H, cv.W, pad.data());
+      conv_row<CT>(pad.data(), cv.W, cv.wt.data(), cv.bias.data(), z.data(), C);
+      f(k, r, pad.data(), z.data(), scratch.data());
+    }
+  });
+}
+
+template <int CT>
+std::vector<Tensor> conv_bn_relu_forward_impl(const Conv1& cv, const Tensor& bn_w,
+                                              const Tensor& bn_b, double eps) {
+  const int64_t C = CT ? CT : cv.C, M = cv.N * cv.H * cv.W, chunks = chunk_count(cv.N * cv.H);
+  TORCH_CHECK(M > 1, "fused_bn: expected more than 1 value per channel when training");
+  std::vector<double> p1(chunks * C, 0.0), p2(chunks * C, 0.0);
+  conv_rows<CT>(cv, [&](int64_t k, int64_t, const float*, const float* z, float*) {
+    row_moments<CT>(z, &p1[k * C], &p2[k * C], 0, cv.W, C);
+  });
+  const std::vector<double> s1 = combine(p1, chunks, C), s2 = combine(p2, chunks, C);
+  auto opts = at::TensorOptions().dtype(at::kFloat);
+  Tensor mean = at::empty({C}, opts), invstd = at::empty({C}, opts), var = at::empty({C}, opts);
+  float *mp = mean.data_ptr<float>(), *ip = invstd.data_ptr<float>();
+  const Tensor w = vec(bn_w, C), b = vec(bn_b, C);
+  std::vector<float> alpha(C), beta(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const double mu = s1[c] / static_cast<double>(M);
+    const double d = s2[c] - s1[c] * mu;
+    const double sq = d < 0.0 ? 0.0 : d;
+    mp[c] = static_cast<float>(mu);
+    ip[c] = static_cast<float>(1.0 / std::sqrt(sq / static_cast<double>(M) + eps));
+    var.data_ptr<float>()[c] = static_cast<float>(sq / static_cast<double>(M - 1));
+    alpha[c] = ip[c] * w.data_ptr<float>()[c];
+    beta[c] = b.data_ptr<float>()[c] - mp[c] * alpha[c];
+  }
+  Tensor y = at::empty({cv.N, C, cv.H, cv.W},
+                       cv.x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  float* yp = y.data_ptr<float>();
+  conv_rows<CT>(cv, [&](int64_t, int64_t r, const float*, const float* z, float*) {
+    bn_relu_rows<CT>(z, yp + r * cv.W * C, alpha.data(), beta.data(), 0, cv.W, C);
+  });
+  return {y, mean, invstd, var};
+}
+
+// relu(batch_norm(conv2d(x, weight, bias, padding=1))) for a 1-channel x and a 3x3 kernel:
+// returns (y, mean, invstd, var_unbiased) of the convolution's output.
+std::vector<Tensor> conv_bn_relu_forward(const Tensor& input, const Tensor& weight,
+                                         const Tensor& bias, const Tensor& bn_w,
+                                         const Tensor& bn_b, double eps) {
+  const Conv1 cv(input, weight, bias);
+  std::vector<Tensor> result;
+  DISPATCH_C(cv.C, result = conv_bn_relu_forward_impl<CT>(cv, bn_w, bn_b, eps));
+  return result;
+}
+
+template <int CT>
+std::vector<Tensor> conv_bn_relu_backward_impl(const Conv1& cv, const float* gp,
+                                               const float* yp, const Tensor& mean,
+                                               const Tensor& invstd, const Tensor& bn_w) {
+  const int64_t C = CT ? CT : cv.C, W = cv.W, M = cv.N * cv.H * W;
+  const int64_t chunks = chunk_count(cv.N * cv.H);
+  const float* mp = mean.data_ptr<float>();
+  // pass 1: sum(dy) and sum(dy * (z - mean)), dy = g where y > 0 (as bn_relu_backward)
+  std::vector<double> sums(chunks * C, 0.0), dots(chunks * C, 0.0);
+  conv_rows<CT>(cv, [&](int64_t k, int64_t r, const float*, const float* z, float*) {
+    relu_sums<CT>(gp + r * W * C, yp + r * W * C, z, mp, &sums[k * C], &dots[k * C], 0, W, C);
+  });
+  Backward b(mean, invstd, bn_w, combine(sums, chunks, C), combine(dots, chunks, C), M);
+  // pass 2: dz as bn_relu_backward's dx, then the convolution's weight and bias gradients,
+  // summed in float over a row (W values), then in double over the rows
+  std::vector<double> gw(chunks * 10 * C, 0.0);  // per chunk: [9, C] taps, then [C] bias
+  conv_rows<CT>(cv, [&](int64_t k, int64_t r, const float* pad, const float* z, float* buf) {
+    float* dz = buf;  // [W, C]
+    float* row = buf + W * C;  // [10, C]
+    std::fill(row, row + 10 * C, 0.f);
+    relu_dx<CT>(gp + r * W * C, yp + r * W * C, z, dz, b.mean.data(), b.k.data(),
+                b.grad_mean.data(), b.scale.data(), 0, W, C);
+    for (int t = 0; t < 9; ++t) {
+      const float* v = pad + (t / 3) * (W + 2) + t % 3;
+      float* a = row + t * C;
+      for (int64_t w = 0; w < W; ++w) {
+        const float vw = v[w];
+        const float* d = dz + w * C;
+        VECTOR_LOOP
+        for (int64_t c = 0; c < C; ++c) a[c] += d[c] * vw;
+      }
+    }
+    float* a = row + 9 * C;
+    for (int64_t w = 0; w < W; ++w) {
+      const float* d = dz + w * C;
+      VECTOR_LOOP
+      for (int64_t c = 0; c < C; ++c) a[c] += d[c];
+    }
+    double* acc = &gw[k * 10 * C];
+    VECTOR_LOOP
+    for (int64_t i = 0; i < 10 * C; ++i) acc[i] += row[i];
+  });
+  const std::vector<double> total = combine(gw, chunks, 10 * C);
+  Tensor dweight = at::empty({C, 1, 3, 3}, mean.options());
+  Tensor dbias = at::empty({C}, mean.options());
+  float *dw = dweight.data_ptr<float>(), *db = dbias.data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c) {
+    for (int t = 0; t < 9; ++t) dw[c * 9 + t] = static_cast<float>(total[t * C + c]);
+    db[c] = static_cast<float>(total[9 * C + c]);
+  }
+  return {dweight, dbias, b.grad_weight, b.grad_bias};
+}
+
+// Gradients of conv_bn_relu_forward's y given dL/dy: (dweight, dbias, dbn_weight, dbn_bias)
+// (not the input's: it is the data).
+std::vector<Tensor> conv_bn_relu_backward(const Tensor& grad_y, const Tensor& y_in,
+                                          const Tensor& input, const Tensor& weight,
+                                          const Tensor& bias, const Tensor& mean,
+                                          const Tensor& invstd, const Tensor& bn_w) {
+  const Conv1 cv(input, weight, bias);
+  Tensor g = channels_last(grad_y), y = channels_last(y_in);
+  check_shape(g, y, cv.H, cv.W, "the gradient");
+  TORCH_CHECK(y.size(0) == cv.N && y.size(1) == cv.C && y.size(2) == cv.H &&
+                  y.size(3) == cv.W, "fused_bn: the output does not match the input");
+  const Tensor m = vec(mean, cv.C), is = vec(invstd, cv.C);
+  std::vector<Tensor> result;
+  DISPATCH_C(cv.C, result = conv_bn_relu_backward_impl<CT>(cv, g.data_ptr<float>(),
+                                                            y.data_ptr<float>(), m, is, bn_w));
+  return result;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -481,4 +671,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bn_relu_backward", &bn_relu_backward, nogil);
   m.def("bn_pool_relu_forward", &bn_pool_relu_forward, nogil);
   m.def("bn_pool_relu_backward", &bn_pool_relu_backward, nogil);
+  m.def("conv_bn_relu_forward", &conv_bn_relu_forward, nogil);
+  m.def("conv_bn_relu_backward", &conv_bn_relu_backward, nogil);
 }
