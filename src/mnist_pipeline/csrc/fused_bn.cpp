@@ -517,8 +517,9 @@ struct Conv1 {
                     input.device().is_cpu(),
                 "fused_bn: expected a [N, 1, H, W] float32 CPU input");
     TORCH_CHECK(weight.dim() == 4 && weight.size(1) == 1 && weight.size(2) == 3 &&
-                    weight.size(3) == 3 && weight.scalar_type() == at::kFloat,
-                "fused_bn: expected a float32 [C, 1, 3, 3] convolution weight");
+                    weight.size(3) == 3 && weight.scalar_type() == at::kFloat &&
+                    weight.device().is_cpu(),
+                "fused_bn: expected a float32 CPU [C, 1, 3, 3] convolution weight");
     x = input.contiguous();
     N = x.size(0), H = x.size(2), W = x.size(3), C = weight.size(0);
     const Tensor wc = weight.contiguous(), b = vec(bias_t, C);
