@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -110,53 +111,59 @@ void row_moments(const float* __restrict xp, double* __restrict s1, double* __re
     }
 }
 
-// Batch mean, 1/sqrt(biased var + eps) and unbiased var per channel of x [M, C], in one pass
-// over x: sums of x and x^2 in double. Eager makes two passes (the mean, then the squared
-// deviations from it) to avoid cancellation in float; in double, sum(x^2) - sum(x) * mean
-// has a relative error of about 1e-16 * (1 + mean^2 / var), far below float rounding unless
-// |mean| / std exceeds ~1e4 (tests/test_fused.py compares against float64).
+// Per-channel sums of x and x^2 over x [M, C], in double (per-chunk partials in chunk order).
 template <int CT>
-void batch_stats(const float* xp, int64_t M, int64_t C_, double eps, float* mean_out,
-                 float* invstd_out, float* var_out) {
+std::pair<std::vector<double>, std::vector<double>> moments(const float* xp, int64_t M,
+                                                            int64_t C_) {
   const int64_t C = CT ? CT : C_;
   const int64_t chunks = chunk_count(M);
   std::vector<double> p1(chunks * C, 0.0), p2(chunks * C, 0.0);
   for_chunks(M, chunks, [&](int64_t k, int64_t r0, int64_t r1) {
     row_moments<CT>(xp, &p1[k * C], &p2[k * C], r0, r1, C);
   });
-  const std::vector<double> s1 = combine(p1, chunks, C), s2 = combine(p2, chunks, C);
-  for (int64_t c = 0; c < C; ++c) {
-    const double mean = s1[c] / static_cast<double>(M);
-    const double d = s2[c] - s1[c] * mean;  // the sum of squared deviations
-    const double sq = d < 0.0 ? 0.0 : d;     // (rounding can take it below 0; NaN stays NaN)
-    mean_out[c] = static_cast<float>(mean);
-    invstd_out[c] = static_cast<float>(1.0 / std::sqrt(sq / static_cast<double>(M) + eps));
-    var_out[c] = static_cast<float>(M > 1 ? sq / static_cast<double>(M - 1) : sq);
-  }
+  return {combine(p1, chunks, C), combine(p2, chunks, C)};
 }
 
 struct Stats {
-  Tensor mean, invstd, var;
+  Tensor mean, invstd, var;  // var: unbiased, for the running estimate
   std::vector<float> alpha, beta;  // y = x * alpha + beta, as eager BatchNorm computes it
 };
 
-Stats stats_and_affine(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps) {
-  const int64_t C = x.size(1), M = x.numel() / C;
+// Batch mean, 1/sqrt(biased var + eps), unbiased var and the affine map per channel from the
+// sums of x and x^2 over M values (one pass over x). Eager makes two passes (the mean, then
+// the squared deviations from it) to avoid cancellation in float; in double,
+// sum(x^2) - sum(x) * mean has a relative error of about 1e-16 * (1 + mean^2 / var), far
+// below float rounding unless |mean| / std exceeds ~1e4 (tests/test_fused.py compares
+// against float64).
+Stats stats_from_moments(const std::vector<double>& s1, const std::vector<double>& s2,
+                         int64_t M, const Tensor& weight, const Tensor& bias, double eps) {
+  const int64_t C = static_cast<int64_t>(s1.size());
   TORCH_CHECK(M > 1, "fused_bn: expected more than 1 value per channel when training");
   auto opts = at::TensorOptions().dtype(at::kFloat);
   Stats s{at::empty({C}, opts), at::empty({C}, opts), at::empty({C}, opts), {}, {}};
   float *mp = s.mean.data_ptr<float>(), *ip = s.invstd.data_ptr<float>();
-  DISPATCH_C(C, batch_stats<CT>(x.data_ptr<float>(), M, C, eps, mp, ip,
-                                s.var.data_ptr<float>()));
+  float* vp = s.var.data_ptr<float>();
   const Tensor w = vec(weight, C), b = vec(bias, C);
   s.alpha.resize(C);
   s.beta.resize(C);
-  VECTOR_LOOP
   for (int64_t c = 0; c < C; ++c) {
+    const double mean = s1[c] / static_cast<double>(M);
+    const double d = s2[c] - s1[c] * mean;  // the sum of squared deviations
+    const double sq = d < 0.0 ? 0.0 : d;     // (rounding can take it below 0; NaN stays NaN)
+    mp[c] = static_cast<float>(mean);
+    ip[c] = static_cast<float>(1.0 / std::sqrt(sq / static_cast<double>(M) + eps));
+    vp[c] = static_cast<float>(sq / static_cast<double>(M - 1));
     s.alpha[c] = ip[c] * w.data_ptr<float>()[c];
     s.beta[c] = b.data_ptr<float>()[c] - mp[c] * s.alpha[c];
   }
   return s;
+}
+
+Stats stats_and_affine(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps) {
+  const int64_t C = x.size(1), M = x.numel() / C;
+  std::pair<std::vector<double>, std::vector<double>> sums;
+  DISPATCH_C(C, sums = moments<CT>(x.data_ptr<float>(), M, C));
+  return stats_from_moments(sums.first, sums.second, M, weight, bias, eps);
 }
 
 template <int CT>
@@ -556,29 +563,15 @@ std::vector<Tensor> conv_bn_relu_forward_impl(const Conv1& cv, const Tensor& bn_
   conv_rows<CT>(cv, [&](int64_t k, int64_t, const float*, const float* z, float*) {
     row_moments<CT>(z, &p1[k * C], &p2[k * C], 0, cv.W, C);
   });
-  const std::vector<double> s1 = combine(p1, chunks, C), s2 = combine(p2, chunks, C);
-  auto opts = at::TensorOptions().dtype(at::kFloat);
-  Tensor mean = at::empty({C}, opts), invstd = at::empty({C}, opts), var = at::empty({C}, opts);
-  float *mp = mean.data_ptr<float>(), *ip = invstd.data_ptr<float>();
-  const Tensor w = vec(bn_w, C), b = vec(bn_b, C);
-  std::vector<float> alpha(C), beta(C);
-  for (int64_t c = 0; c < C; ++c) {
-    const double mu = s1[c] / static_cast<double>(M);
-    const double d = s2[c] - s1[c] * mu;
-    const double sq = d < 0.0 ? 0.0 : d;
-    mp[c] = static_cast<float>(mu);
-    ip[c] = static_cast<float>(1.0 / std::sqrt(sq / static_cast<double>(M) + eps));
-    var.data_ptr<float>()[c] = static_cast<float>(sq / static_cast<double>(M - 1));
-    alpha[c] = ip[c] * w.data_ptr<float>()[c];
-    beta[c] = b.data_ptr<float>()[c] - mp[c] * alpha[c];
-  }
+  const Stats s = stats_from_moments(combine(p1, chunks, C), combine(p2, chunks, C), M, bn_w,
+                                     bn_b, eps);
   Tensor y = at::empty({cv.N, C, cv.H, cv.W},
                        cv.x.options().memory_format(at::MemoryFormat::ChannelsLast));
   float* yp = y.data_ptr<float>();
   conv_rows<CT>(cv, [&](int64_t, int64_t r, const float*, const float* z, float*) {
-    bn_relu_rows<CT>(z, yp + r * cv.W * C, alpha.data(), beta.data(), 0, cv.W, C);
+    bn_relu_rows<CT>(z, yp + r * cv.W * C, s.alpha.data(), s.beta.data(), 0, cv.W, C);
   });
-  return {y, mean, invstd, var};
+  return {y, s.mean, s.invstd, s.var};
 }
 
 // relu(batch_norm(conv2d(x, weight, bias, padding=1))) for a 1-channel x and a 3x3 kernel:
