@@ -77,7 +77,7 @@ class TrainParams:
     channels_last: bool = True
     compile: bool = False
     fused_optimizer: bool = True
-    # BatchNorm+ReLU(+max-pool) in one compiled CPU kernel each way (mnist_pipeline.fused);
+    # (conv+)BatchNorm+ReLU(+max-pool) in one compiled CPU kernel each way (mnist_pipeline.fused);
     # the eager modules where it cannot be built, on a GPU, with bf16, with compile or
     # without channels_last.
     fused_kernels: bool = True
