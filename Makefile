@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: help install repro test test-all lint ui serve exp ensemble accuracy bench clean
+.PHONY: help install repro test test-all lint ui serve exp ensemble accuracy bench report clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-repro: install ## Run the pipeline (dvc repro); set MNIST_MIRROR=../shared/mnist offline
+repro: install ## Run the pipeline (dvc repro); offline, set MNIST_MIRROR=/path/to/mnist
 	dvc repro
 
 test: install ## Run the test suite (not the slow tests)
@@ -57,11 +57,16 @@ ensemble: install ## The ensemble recipe: RECIPE (best-single) with SEEDS="0 1 2
 	dvc exp run --run-all -j 1; \
 	mnist-pipeline ensemble --experiments $$names
 
-accuracy: install ## Train recipes over 3 seeds and print the accuracy table (hours on a CPU)
+accuracy: install ## Train the recipes over 3 seeds; write bench/results/accuracy.json (long on a CPU)
 	$(PY) bench/accuracy.py --recipe reference --recipe best-single --seeds 0 1 2
 
-bench: install ## Benchmark the training path against the reference loop (1 epoch x 3, CPU, ~10 min)
-	$(PY) bench/train_speed.py --device cpu --epochs 1 --repeats 3 --variant default --variant unfused --variant plain
+bench: install ## Time the training path against the reference loop; write bench/results/speed.json
+	$(PY) bench/train_speed.py --device cpu --epochs 1 --repeats 3 --variant default \
+		--variant unfused --variant plain+channels_last --variant plain \
+		--json bench/results/speed.json
+
+report: install ## Regenerate bench/RESULTS.md from bench/results/*.json
+	$(PY) bench/report.py > bench/RESULTS.md
 
 clean: ## Remove the virtual environment and caches (not data or runs)
 	rm -rf $(VENV) .pytest_cache .ruff_cache

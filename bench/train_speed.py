@@ -3,7 +3,7 @@
 One invocation runs, alternating when repeated, (a) the reference loop as published
 (bench/reference.py: torchvision MNIST with ToTensor + Normalize, DataLoader(batch_size=100,
 shuffle=True), the same CNN, Adam, ReduceLROnPlateau) and (b) the project's path (to_tensor,
-configure_determinism, build_state, fit, evaluate from `mnist_pipeline.train`) with the field
+configure_determinism, build_state, fit, validate from `mnist_pipeline.loop`) with the field
 defaults of `TrainParams` - the reference recipe, so the same numerics (not params.yaml's
 recipe) - in one or more variants of its speed options, for the same number of epochs; prints
 seconds per epoch, images per second, project/reference and the test accuracy each reached.
@@ -39,19 +39,14 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# Measure this checkout's code, installed or not (the GPU machine has no editable install).
+# Measure this checkout's code, whether or not the package is installed.
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "bench")]
 
 from mnist_pipeline.data import SPLITS, load_split  # noqa: E402
+from mnist_pipeline.fused import status as fused_status  # noqa: E402
+from mnist_pipeline.loop import build_state, fit, to_tensor, validate  # noqa: E402
 from mnist_pipeline.params import TrainParams  # noqa: E402
-from mnist_pipeline.train import (  # noqa: E402
-    build_state,
-    configure_determinism,
-    evaluate,
-    fit,
-    fused_kernels_status,
-    to_tensor,
-)
+from mnist_pipeline.runtime import configure_determinism, cpu_model  # noqa: E402
 from reference import (  # noqa: E402
     CNN,
     LEARNING_RATE,
@@ -93,16 +88,6 @@ def variant_params(name: str) -> TrainParams:
     return dataclasses.replace(TrainParams(), **parse_variant(name))
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info(device: torch.device) -> dict[str, Any]:
     """What the numbers were measured on, for the table header and the JSON."""
     import torchvision
@@ -136,7 +121,7 @@ def global_flags() -> dict[str, Any]:
 
 def resolve_raw(raw_dir: Path, scratch: Path) -> Path:
     """`raw_dir` if it holds the four decompressed IDX files; else their .gz files from it,
-    decompressed into `scratch` (so that a mirror such as ../shared/mnist will do)."""
+    decompressed into `scratch` (so that a folder mirror of the .gz files will do)."""
     names = [name for split in SPLITS.values() for name in split]
     if all((raw_dir / name).is_file() for name in names):
         return raw_dir
@@ -190,7 +175,7 @@ def run_project(
     seconds = time.perf_counter() - start
     accuracy = float("nan")
     if measure_accuracy:
-        accuracy = evaluate(state.model, x_test, y_test, params.eval_batch_size,
+        accuracy = validate(state.model, x_test, y_test, params.eval_batch_size,
                             params.amp)["accuracy"]
     images = epochs * (len(x) // params.batch_size) * params.batch_size
     return {"seconds": seconds, "images": images, "test_accuracy": accuracy}
@@ -207,7 +192,7 @@ def run_recipe(
     accuracies: list[float] = []
 
     def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
-        accuracies.append(evaluate(state.model, x_test, y_test, params.eval_batch_size,
+        accuracies.append(validate(state.model, x_test, y_test, params.eval_batch_size,
                                    params.amp)["accuracy"])
 
     history = fit(state, params, x, y, on_epoch_end)
@@ -251,7 +236,7 @@ def child_project(args: argparse.Namespace, row: str, device: torch.device) -> d
         result = run_project(params, tensors, args.epochs, device)
     return {**result, "warmup_seconds": warmup, "epoch_images": epoch_images(args.raw),
             "cpu_share": cpu_share(cpu, wall),
-            "fused_kernels": fused_kernels_status(params, device)}
+            "fused_kernels": fused_status(params, device)}
 
 
 def child_reference(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:

@@ -13,11 +13,11 @@ import argparse
 import os
 from pathlib import Path
 
-from mnist_pipeline.allocator import tune_cpu_allocator
 from mnist_pipeline.errors import PipelineError, run_stage
-from mnist_pipeline.eval_workflow import EvaluateOutputs, run_evaluation
+from mnist_pipeline.evaluate_stage import EvaluateOutputs, run_evaluation
 from mnist_pipeline.io import read_json
 from mnist_pipeline.params import load_params
+from mnist_pipeline.runtime import tune_cpu_allocator
 from mnist_pipeline.tracking import MlflowTracker, resolve_tracking
 
 

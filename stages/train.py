@@ -21,9 +21,9 @@ import torch
 from mnist_pipeline.errors import run_stage
 from mnist_pipeline.io import read_json
 from mnist_pipeline.params import load_params
+from mnist_pipeline.runtime import select_device
 from mnist_pipeline.tracking import MlflowTracker, git_state, resolve_tracking
-from mnist_pipeline.train import select_device
-from mnist_pipeline.train_workflow import TrainOutputs, run_training
+from mnist_pipeline.train_stage import TrainOutputs, run_training
 
 
 def main(argv: list[str] | None = None) -> None:

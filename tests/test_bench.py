@@ -1,5 +1,5 @@
 """bench/train_speed.py end to end on a tiny MNIST copy: it runs without PyYAML, MLflow or DVC
-(as on the GPU machine) and writes the table and the JSON it promises. Behaviour only: no test
+(as on a bare GPU host) and writes the table and the JSON it promises. Behaviour only: no test
 here looks at a timing.
 """
 
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+from mnist_pipeline.loop import to_tensor
 from mnist_pipeline.params import TrainParams
-from mnist_pipeline.train import to_tensor
 
 from .conftest import ROOT, load_real, write_idx
 
@@ -117,3 +117,41 @@ def test_raw_folder_may_be_decompressed_or_gz_and_nothing_else(bench, tiny, tmp_
     assert bench.resolve_raw(plain, tmp_path / "other") == plain  # used where it is
     with pytest.raises(SystemExit, match="neither the MNIST IDX files nor .gz"):
         bench.resolve_raw(tmp_path / "other", tmp_path)
+
+
+def test_accuracy_bench_scores_each_seed_as_the_evaluate_stage_does(tmp_path):
+    """bench/accuracy.py on 300 training and 200 test images: per-seed scores, their
+    ensemble, and --reuse scoring the saved weights without training again."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for split, n in (("train", 300), ("t10k", 200)):
+        images, labels = load_real(split, n)
+        write_idx(raw / f"{split}-images-idx3-ubyte", images)
+        write_idx(raw / f"{split}-labels-idx1-ubyte", labels.astype(np.uint8))
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "tiny.yaml").write_text("train:\n  epochs: 1\n  tta: false\n")
+    stats = tmp_path / "stats.json"
+    stats.write_text(json.dumps({"mean": 0.1307, "std": 0.3081}))
+    out, result = tmp_path / "out", tmp_path / "accuracy.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "accuracy.py"), "--recipe", "tiny",
+           "--seeds", "0", "1", "--threads", "1", "--device", "cpu", "--recipes", str(recipes),
+           "--raw", str(raw), "--stats", str(stats), "--out", str(out), "--json", str(result)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first = json.loads(result.read_text())
+    (row,) = first["results"]
+    assert row["recipe"] == "tiny" and row["epochs"] == 1
+    assert [r["seed"] for r in row["runs"]] == [0, 1]
+    accuracies = [r["test_accuracy"] for r in row["runs"]]
+    assert all(0.1 < a <= 1 and abs(a * 200 - round(a * 200)) < 1e-9 for a in accuracies)
+    assert row["mean"] == pytest.approx(sum(accuracies) / 2) and row["ensemble"] is not None
+    assert "Epoch: 1" in done.stdout
+
+    weights = out / "tiny-seed0" / "model.pt"
+    saved = weights.stat().st_mtime_ns
+    again = subprocess.run([*cmd, "--reuse"], capture_output=True, text=True, timeout=600,
+                           cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Epoch:" not in again.stdout and weights.stat().st_mtime_ns == saved
+    assert json.loads(result.read_text())["results"] == first["results"]

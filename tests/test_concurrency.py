@@ -34,4 +34,4 @@ def test_two_queued_experiments_run_in_parallel(tmp_path):
     versions = client.search_model_versions("name='mnist-cnn'")
     assert sorted(v.run_id for v in versions) == sorted(r.info.run_id for r in runs)
     # evaluation of each experiment reached its own run
-    assert all("eval_test_accuracy" in r.data.metrics for r in runs)
+    assert all("test_accuracy" in r.data.metrics for r in runs)

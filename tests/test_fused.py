@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnist_pipeline import fused
+from mnist_pipeline.loop import build_state, fit, to_tensor
 from mnist_pipeline.model import MnistCNN
 from mnist_pipeline.params import TrainParams
-from mnist_pipeline.train import build_state, fit, fused_kernels_status, to_tensor
 
 from .conftest import load_real
 
@@ -282,21 +282,21 @@ def _subset():
 
 def test_fit_uses_the_kernels_by_default_and_learns_as_eager(monkeypatch):
     params = TrainParams(epochs=2, batch_size=50)
-    assert params.fused_kernels and fused_kernels_status(params, CPU) == "on"
+    assert params.fused_kernels and fused.status(params, CPU) == "on"
     calls = _count_fused_calls(monkeypatch)
     x, y = _subset()
     on = fit(build_state(params, CPU), params, x, y)
     assert calls[0] == 2 * 2 * (600 // 50)  # two pooled blocks a step
     off_params = dataclasses.replace(params, fused_kernels=False)
-    assert fused_kernels_status(off_params, CPU) == "off"
+    assert fused.status(off_params, CPU) == "off"
     off = fit(build_state(off_params, CPU), off_params, x, y)
     assert calls[0] == 2 * 2 * (600 // 50)
     for a, b in zip(on, off, strict=True):  # the same training, up to rounding
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-2)
     for option, why in (({"amp": "bf16"}, "amp"), ({"compile": True}, "compile")):
-        assert fused_kernels_status(dataclasses.replace(params, **option), CPU) == \
+        assert fused.status(dataclasses.replace(params, **option), CPU) == \
             f"off ({why})"
-    assert fused_kernels_status(params, torch.device("cuda")) == "off (cuda)"
+    assert fused.status(params, torch.device("cuda")) == "off (cuda)"
 
 
 def test_a_checkout_at_another_path_reuses_the_cached_build(tmp_path):
@@ -330,7 +330,7 @@ def test_without_a_build_training_falls_back_to_the_eager_modules(monkeypatch, t
     fused.extension.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="fused CPU kernels unavailable"):
-            status = fused_kernels_status(TrainParams(), CPU)
+            status = fused.status(TrainParams(), CPU)
         assert status.startswith("unavailable (") and "deliberately broken" in status
         calls = _count_fused_calls(monkeypatch)
         x, y = _subset()

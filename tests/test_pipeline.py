@@ -36,14 +36,19 @@ def test_second_repro_changes_nothing(pipeline):
 def test_metrics_show(pipeline):
     repo, env, _ = pipeline
     shown = run(["dvc", "metrics", "show", "--json"], repo, env).stdout
-    assert "test_accuracy" in shown and "0.1306" in shown
+    files = json.loads(shown)["workspace"]["data"]
+    assert files["metrics/stats.json"]["data"]["mean"] == pytest.approx(0.1307, abs=1e-4)
+    # one test accuracy: the evaluate stage's
+    holders = [name for name, f in files.items() if "test_accuracy" in f["data"]]
+    assert holders == ["metrics/evaluate.json"]
 
 
 def test_exp_run_trains_one_epoch(pipeline):
     repo, _, log = pipeline
     metrics = json.loads((repo / "metrics" / "train.json").read_text())
     assert metrics["epochs"] == 1 and metrics["device"] == "cpu"
-    assert metrics["test_accuracy"] >= 0.98
+    assert metrics["train_accuracy"] >= 0.9
+    assert not any(key.startswith("test_") for key in metrics)  # scored by evaluate only
     history = json.loads((repo / "plots" / "train_history.json").read_text())
     assert [row["epoch"] for row in history] == [1]
     assert "Epoch: 1, Loss:" in log["exp"].stdout
@@ -52,9 +57,7 @@ def test_exp_run_trains_one_epoch(pipeline):
 def test_evaluate_outputs_agree_with_mlflow(pipeline, client, run_info):
     repo, env, _ = pipeline
     report = json.loads((repo / "metrics" / "evaluate.json").read_text())
-    train = json.loads((repo / "metrics" / "train.json").read_text())
-    # the registered model scores exactly what the trained weights scored
-    assert report["test_accuracy"] == pytest.approx(train["test_accuracy"], abs=1e-4)
+    assert report["test_accuracy"] >= 0.98
     assert set(report["per_class"]) == {str(d) for d in range(10)}
     assert sum(r["support"] for r in report["per_class"].values()) == 10000
     confusion = json.loads((repo / "plots" / "confusion.json").read_text())
@@ -64,8 +67,12 @@ def test_evaluate_outputs_agree_with_mlflow(pipeline, client, run_info):
     assert (repo / "plots" / "misclassified.png").read_bytes()[:4] == b"\x89PNG"
 
     mlrun = client.get_run(run_info["run_id"])
-    assert mlrun.data.metrics["eval_test_accuracy"] == pytest.approx(report["test_accuracy"])
-    assert mlrun.data.metrics["eval_test_f1_3"] == pytest.approx(report["per_class"]["3"]["f1"])
+    # the one scoring of the test set, under one name per number
+    tested = {k: v for k, v in mlrun.data.metrics.items() if "test" in k or "f1" in k}
+    assert tested == pytest.approx({k: report[k] for k in ("test_accuracy", "test_loss",
+                                                           "macro_f1")})
+    assert [p.step for p in client.get_metric_history(run_info["run_id"], "test_accuracy")] \
+        == [0]
     artifacts = {a.path for a in client.list_artifacts(run_info["run_id"], "evaluation")}
     assert {"evaluation/misclassified.png", "evaluation/confusion_matrix.png",
             "evaluation/report.json"} <= artifacts
@@ -91,8 +98,7 @@ def test_mlflow_run_is_complete(pipeline, client, run_info):
         points = client.get_metric_history(run_info["run_id"], key)
         assert [p.step for p in points] == [1], key
     metrics = json.loads((repo / "metrics" / "train.json").read_text())
-    assert mlrun.data.metrics["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
-    assert "test_loss" in mlrun.data.metrics
+    assert mlrun.data.metrics["train_loss"] == pytest.approx(metrics["train_loss"])
     tags = mlrun.data.tags
     assert len(tags["git_commit"]) == 40 and tags["git_dirty"] in {"true", "false"}
     assert tags["DVC_EXP_NAME"] and len(tags["DVC_EXP_BASELINE_REV"]) == 40

@@ -15,6 +15,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from mnist_pipeline.evaluate_stage import score_test_set
+
 from .conftest import VENV_BIN, free_port, load_real, run, wait_for_http
 
 pytestmark = pytest.mark.e2e
@@ -241,6 +243,11 @@ def test_ensemble_of_two_versions_is_one_servable_model(pipeline, promotions, ru
     assert json.loads(predicted.stdout)["digit"] in range(10)
     listed = run([CLI, "models", "--name", "mnist-cnn-ensemble", "--json"], repo, env).stdout
     assert json.loads(listed.splitlines()[0])["test_accuracy"] > 0.5
+    # its accuracy is that of the registered model, scored as the evaluate stage scores
+    registered = mlflow.pyfunc.load_model("models:/mnist-cnn-ensemble/1")
+    scored = score_test_set(registered, repo / "data" / "raw", 200).report
+    version = mlflow.MlflowClient().get_model_version("mnist-cnn-ensemble", "1")
+    assert float(version.tags["test_accuracy"]) == pytest.approx(scored["test_accuracy"])
 
     # --experiments: the versions that named DVC experiments registered (`make ensemble`)
     client = mlflow.MlflowClient()

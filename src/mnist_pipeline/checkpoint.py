@@ -16,7 +16,7 @@ import torch
 
 from .errors import PipelineError
 from .io import write_bytes
-from .train import TrainState
+from .loop import TrainState
 
 
 class CheckpointError(PipelineError):

@@ -25,16 +25,11 @@ from . import registry
 from .errors import PipelineError, run_stage
 from .io import read_json
 from .params import load_params
-from .tracking import git_state, resolve_tracking
+from .tracking import git_state, resolve_tracking, store_client
 
 
 def _client(args: argparse.Namespace) -> Any:
-    import mlflow
-    from mlflow import MlflowClient
-
-    uri, _ = resolve_tracking(os.environ, Path.cwd())
-    mlflow.set_tracking_uri(uri)
-    return MlflowClient(tracking_uri=uri)
+    return store_client(resolve_tracking(os.environ, Path.cwd())[0])
 
 
 def _provenance() -> dict[str, str]:
@@ -43,7 +38,7 @@ def _provenance() -> dict[str, str]:
 
 def _candidate(client: Any, args: argparse.Namespace, name: str) -> Any:
     if args.version is not None:
-        return registry._version(client, name, args.version)
+        return registry.get_version(client, name, args.version)
     run_id = args.run_id
     if run_id is None:
         if not args.run_info.is_file():
@@ -51,7 +46,7 @@ def _candidate(client: Any, args: argparse.Namespace, name: str) -> Any:
                                 "a --version or --run-id")
         info = read_json(args.run_info)
         if info.get("version") is not None and info.get("registered_model") == name:
-            return registry._version(client, name, info["version"])
+            return registry.get_version(client, name, info["version"])
         run_id = info.get("run_id")
     return registry.version_for_run(client, name, run_id)
 
@@ -97,6 +92,10 @@ def cmd_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def _percent(accuracy: float | None) -> str:
+    return f"{accuracy:.4%}" if accuracy is not None else "not evaluated"
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     rows = registry.list_versions(_client(args), args.name)
     if args.json:
@@ -131,21 +130,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
-    from .allocator import tune_cpu_allocator
     from .ensemble import build_ensemble
+    from .runtime import tune_cpu_allocator
     from .tracking import MlflowTracker
 
-    tune_cpu_allocator()  # faster CPU inference (the members' test-set scores), same numbers
+    tune_cpu_allocator()  # faster CPU inference (the test-set scoring), same numbers
 
+    batch_size = load_params(args.params, "evaluate").batch_size
     uri, artifacts = resolve_tracking(os.environ, Path.cwd())
     client = _client(args)
     versions = args.versions or registry.versions_of_experiments(client, args.name,
                                                                   args.experiments)
     target = args.ensemble_name or f"{args.name}-ensemble"
     result = build_ensemble(MlflowTracker(uri, target, artifacts), args.name, versions,
-                            target, args.raw)
-    members = ", ".join(f"v{v} {a:.4%}" for v, a in zip(versions,
-                                                        result["member_accuracy"], strict=True))
+                            target, args.raw, batch_size)
+    members = ", ".join(f"v{v} {_percent(a)}" for v, a in zip(versions,
+                                                             result["member_accuracy"],
+                                                             strict=True))
     print(f"Registered {result['registry_uri']}: test accuracy "
           f"{result['test_accuracy']:.4%} (members: {members})")
     return 0

@@ -117,7 +117,7 @@ def download(
     if not mirrors:
         raise DownloadError(
             "no MNIST mirror to try: set MNIST_MIRROR to a folder holding the four .gz files "
-            "(e.g. MNIST_MIRROR=../shared/mnist) or to an http(s):// or file:// base address"
+            "(e.g. MNIST_MIRROR=/data/mnist) or to an http(s):// or file:// base address"
         )
     served: dict[str, str] = {}
     with atomic_dir(out_dir) as tmp:
@@ -136,7 +136,7 @@ def download(
                 raise DownloadError(
                     f"could not get a verified copy of {spec.name}. Tried "
                     f"{len(mirrors)} mirror(s): " + "; ".join(failures) + ". Set MNIST_MIRROR "
-                    "to a folder holding the four MNIST .gz files (e.g. ../shared/mnist) or to "
+                    "to a folder holding the four MNIST .gz files (e.g. /data/mnist) or to "
                     "an http(s):// or file:// base address."
                 )
     return served

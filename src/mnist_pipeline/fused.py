@@ -11,7 +11,7 @@ through them: the model class itself is untouched (its state dict, export and ev
 not involve them).
 
 The C++ source is compiled on first use with torch.utils.cpp_extension (a C++ compiler with
-OpenMP and ninja are needed; about 30 s on 2 cores), then cached under $TORCH_EXTENSIONS_DIR
+OpenMP and ninja are needed), then cached under $TORCH_EXTENSIONS_DIR
 (default ~/.cache/torch_extensions) for every checkout of the same source. Where it cannot
 be built, `extension()` returns None with a warning and the reason in `unavailable_reason()`:
 the model then trains with the eager modules, with the same results up to rounding.
@@ -36,6 +36,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .model import MnistCNN
+from .params import TrainParams
 
 SOURCE = Path(__file__).with_name("csrc") / "fused_bn.cpp"
 # -march=native: the kernels are memory-bound loops that the compiler vectorises for this CPU.
@@ -97,6 +98,19 @@ def extension() -> ModuleType | None:
 def unavailable_reason() -> str | None:
     """Why `extension()` returned None (None if it has not failed)."""
     return _failures[-1] if _failures else None
+
+
+def status(params: TrainParams, device: torch.device) -> str:
+    """'on' if training with `params` on `device` runs the fused kernels (built on the first
+    call), else 'off' or 'unavailable' with the reason: for the run's record."""
+    if not params.fused_kernels:
+        return "off"
+    for excluded, why in ((device.type != "cpu", device.type), (params.amp != "none", "amp"),
+                          (params.compile, "compile"),
+                          (not params.channels_last, "needs channels_last")):
+        if excluded:
+            return f"off ({why})"
+    return "on" if extension() is not None else f"unavailable ({unavailable_reason()})"
 
 
 def _is_bn(m: nn.Module) -> bool:

@@ -13,16 +13,17 @@ from typing import Any
 import numpy as np
 
 from .images import ImageError, load_image, to_mnist
+from .inference import predict_proba
 from .registry import load_pyfunc
 
-BATCH = 256
+FILES_AT_ONCE = 256  # files read before their digits are predicted (bounded memory)
 
 
 def predict_files(model_uri: str, paths: Sequence[Path]) -> Iterator[dict[str, Any]]:
     """Yield {file, digit, probability} or {file, error} for each path, in order."""
     model = load_pyfunc(model_uri)
-    for start in range(0, len(paths), BATCH):
-        chunk = paths[start : start + BATCH]
+    for start in range(0, len(paths), FILES_AT_ONCE):
+        chunk = paths[start : start + FILES_AT_ONCE]
         rows: list[dict[str, Any]] = []
         pixels = []
         for path in chunk:
@@ -32,7 +33,7 @@ def predict_files(model_uri: str, paths: Sequence[Path]) -> Iterator[dict[str, A
             except ImageError as exc:
                 rows.append({"file": str(path), "error": str(exc)})
         if pixels:
-            probs = np.asarray(model.predict(np.stack(pixels)[:, None].astype(np.float32)))
+            probs = predict_proba(model, np.stack(pixels)[:, None])
             good = (r for r in rows if "error" not in r)
             for row, p in zip(good, probs, strict=True):
                 row.update(digit=int(p.argmax()), probability=float(p.max()))

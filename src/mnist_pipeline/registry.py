@@ -11,6 +11,7 @@ import json
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -24,6 +25,7 @@ if TYPE_CHECKING:  # torch is imported where it is used: `mnist-pipeline models`
 
 INPUT_SHAPE = (-1, 1, 28, 28)
 MODEL_NAME_IN_RUN = "model"
+WEIGHTS_FILE = "model.pt"  # the train stage's weights, logged under weights/
 
 
 @dataclass(frozen=True)
@@ -44,8 +46,8 @@ def deployable(net: nn.Module, mean: float, std: float, tta: bool = False) -> De
     """A CPU, eval-mode copy of `net` that takes raw [0, 1] pixels and returns probabilities.
 
     Its convolution weights are channels-last, which the exported graph keeps: the activations
-    then stay channels-last too, and the test set runs 2-2.5x faster on a CPU than in NCHW
-    (bench/RESULTS.md), with the same outputs up to rounding.
+    then stay channels-last too, which a CPU runs faster than NCHW, with the same outputs up
+    to rounding.
     """
     import torch
 
@@ -113,6 +115,15 @@ def tag_version(client: Any, name: str, version: int | str, tags: dict[str, Any]
         client.set_model_version_tag(name, str(version), key, str(value))
 
 
+def download_weights(client: Any, version: Any) -> Path:
+    """The plain state_dict that the version's run logged (`weights/model.pt`), downloaded."""
+    try:
+        return Path(client.download_artifacts(version.run_id, f"weights/{WEIGHTS_FILE}"))
+    except Exception as exc:
+        raise RegistryError(f"version {version.version} of {version.name!r} has no weights "
+                            f"artifact ({type(exc).__name__})") from None
+
+
 # --- Promotion through aliases --------------------------------------------------------------
 # MLflow keeps no history of alias moves, so each move is also recorded as a registered-model
 # tag `promotion.NNNNNN` (JSON). Tags live in the tracking store, so the history is shared by
@@ -125,7 +136,7 @@ class RegistryError(PipelineError):
     """A registered model, version, run or alias that does not exist, or a refused move."""
 
 
-def _version(client: Any, name: str, version: int | str) -> Any:
+def get_version(client: Any, name: str, version: int | str) -> Any:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -184,16 +195,22 @@ def champion(client: Any, name: str, alias: str) -> Any | None:
         return None
 
 
-def accuracy_of(client: Any, version: Any) -> float:
-    """The version's test accuracy: its evaluation tag, else its run's test_accuracy metric."""
+def accuracy_or_none(client: Any, version: Any) -> float | None:
+    """The version's test accuracy as the evaluate stage measured it (its `test_accuracy`
+    tag, else its run's `test_accuracy` metric), or None if it was never evaluated."""
     if "test_accuracy" in version.tags:
         return float(version.tags["test_accuracy"])
     metrics = client.get_run(version.run_id).data.metrics
-    if "test_accuracy" not in metrics:
-        raise RegistryError(
-            f"version {version.version} of {version.name!r} has no test_accuracy to judge it by"
-        )
-    return float(metrics["test_accuracy"])
+    return float(metrics["test_accuracy"]) if "test_accuracy" in metrics else None
+
+
+def accuracy_of(client: Any, version: Any) -> float:
+    """`accuracy_or_none`, for decisions: a version never evaluated is refused."""
+    accuracy = accuracy_or_none(client, version)
+    if accuracy is None:
+        raise RegistryError(f"version {version.version} of {version.name!r} has no "
+                            "test_accuracy to judge it by: run the evaluate stage first")
+    return accuracy
 
 
 def history(client: Any, name: str) -> list[dict[str, Any]]:
@@ -272,7 +289,7 @@ def rollback(client: Any, name: str, alias: str, provenance: dict[str, str] | No
             stack.pop()
     if len(stack) < 2:
         raise RegistryError(f"{name}@{alias} has no earlier champion to roll back to")
-    target = _version(client, name, stack[-2])
+    target = get_version(client, name, stack[-2])
     current = champion(client, name, alias)
     return move_alias(client, name, alias, target, action="rollback", previous=current,
                       accuracy=accuracy_of(client, target), reason=reason or "rollback",
@@ -288,12 +305,8 @@ def list_versions(client: Any, name: str) -> list[dict[str, Any]]:
         aliases.setdefault(str(version), []).append(alias)
     for v in sorted(client.search_model_versions(f"name='{name}'"),
                     key=lambda v: -int(v.version)):
-        try:
-            accuracy: float | None = accuracy_of(client, v)
-        except RegistryError:
-            accuracy = None
         rows.append({"version": int(v.version), "aliases": sorted(aliases.get(str(v.version), [])),
-                     "test_accuracy": accuracy, "run_id": v.run_id,
+                     "test_accuracy": accuracy_or_none(client, v), "run_id": v.run_id,
                      "created": datetime.fromtimestamp(v.creation_timestamp / 1000,
                                                        timezone.utc).isoformat(timespec="seconds")})
     return rows

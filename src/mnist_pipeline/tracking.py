@@ -1,7 +1,9 @@
-"""Everything MLflow: where the store is, run lifecycle, params/metrics/tags, model logging.
+"""MLflow tracking: where the store is, the run lifecycle, params, metrics, tags, artifacts.
 
-No other module imports mlflow. `NullTracker` has the same methods and does nothing, for tests
-and dry runs. Nothing here runs at import time; callers pass the environment explicitly.
+With `registry.py` (models: logging, registering, aliases) it is the only module that imports
+mlflow (tests/test_layout.py checks it). `NullTracker` has the same methods and does nothing,
+for tests and runs without tracking. Nothing here runs at import time; callers pass the
+environment explicitly.
 """
 
 from __future__ import annotations
@@ -34,6 +36,16 @@ def resolve_tracking(env: Mapping[str, str], cwd: str | Path) -> tuple[str, str 
         return uri, None
     store = repo_root(env, cwd) / DEFAULT_STORE_DIR
     return f"sqlite:///{store / 'mlflow.db'}", (store / "artifacts").as_uri()
+
+
+def store_client(uri: str) -> Any:
+    """An MlflowClient on the store at `uri`, also made the default store of this process (for
+    `models:/` URIs loaded through mlflow.pyfunc)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
 
 
 def git_state(cwd: str | Path) -> dict[str, str]:
@@ -89,6 +101,9 @@ class NullTracker:
         pass
 
     def log_figure(self, figure: Any, name: str) -> None:
+        pass
+
+    def log_image(self, image: Any, name: str) -> None:
         pass
 
     def logged_steps(self, key: str) -> set[int]:
@@ -267,6 +282,10 @@ class MlflowTracker(NullTracker):
 
     def log_figure(self, figure: Any, name: str) -> None:
         self.client().log_figure(self.run_id, figure, name)
+
+    def log_image(self, image: Any, name: str) -> None:
+        """A PIL image (or array) as the artifact `name` (a path ending .png)."""
+        self.client().log_image(self.run_id, image, artifact_file=name)
 
     def logged_steps(self, key: str) -> set[int]:
         """The steps at which metric `key` was logged to the current run."""

@@ -1,6 +1,7 @@
-"""Evaluation of a trained model on the test set: scores, confusion matrix and figures.
+"""Scores of a model's predictions: accuracy, loss, per-class precision/recall/F1, the
+confusion matrix, and the figures people look at (confusion matrix, misclassified digits).
 
-Pure functions on arrays; the evaluate stage wires them to files, DVC and MLflow.
+Pure functions on arrays; `evaluate_stage` wires them to files, DVC and MLflow.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ def per_class_scores(matrix: np.ndarray) -> dict[str, dict[str, float]]:
                  "f1": float(f1[c]), "support": int(actual[c])}
         for c in range(len(matrix))
     }
+
+
+def summary(report: dict[str, Any]) -> dict[str, float]:
+    """The report's headline numbers (no per-class detail): what runs are compared by."""
+    return {k: float(report[k]) for k in ("test_accuracy", "test_loss", "macro_f1")}
 
 
 def scores(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:

@@ -1,0 +1,237 @@
+"""What the train stage runs: data and params in; a tracked run, a registered model and the
+stage's output files out. Four named steps: `prepare_data`, `resume_point`, `train` and
+`publish`; `run_training` calls them in order. The test set is not touched here: the evaluate
+stage scores the registered model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import load_checkpoint, restore, save_checkpoint, save_state_file
+from .data import SPLITS, load_split
+from .errors import PipelineError
+from .fused import status as fused_status
+from .io import write_json
+from .loop import TrainState, build_state, final_model, fit, to_tensor
+from .params import TrainParams, to_dict
+from .registry import deployable, log_and_register
+from .runtime import configure_determinism, environment_tags
+from .tracking import NullTracker, TrackingError, file_md5s, params_hash
+
+Tensors = tuple[torch.Tensor, torch.Tensor]
+EPOCH_METRICS = ("train_loss", "train_accuracy", "lr", "epoch_seconds", "val_loss",
+                 "val_accuracy")
+
+
+@dataclass(frozen=True)
+class TrainOutputs:
+    """Where the train stage writes (wired in dvc.yaml)."""
+
+    weights: Path
+    metrics: Path
+    history: Path
+    run_info: Path
+    checkpoint: Path | None = None  # resumable state after each epoch (None: no resume)
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """The training (and validation) tensors on the device, and what they were made from."""
+
+    train: Tensors
+    val: Tensors | None
+    mean: float
+    std: float
+    md5s: dict[str, str]  # of the four IDX files
+    example: np.ndarray  # two training images as raw pixels: the logged model's input example
+
+    def fingerprint(self, params: TrainParams) -> str:
+        """What a checkpoint must match to be resumed: params, normalisation and data."""
+        return params_hash({**to_dict(params), "stats": [self.mean, self.std],
+                            "data": self.md5s})
+
+
+def split_validation(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, validation indices): `size` images carved out of n by `seed`."""
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[size:]), np.sort(order[:size])
+
+
+def prepare_data(params: TrainParams, raw_dir: Path, stats: Mapping[str, Any],
+                 device: torch.device) -> TrainData:
+    """The training images (a subset, minus a validation split, as params say), normalised
+    with the training statistics, on `device`."""
+    mean, std = float(stats["mean"]), float(stats["std"])
+    images, labels = load_split(raw_dir, "train")
+    if params.train_subset:
+        images, labels = images[: params.train_subset], labels[: params.train_subset]
+    parts = {"train": (images, labels)}
+    if params.val_size:
+        if params.val_size >= len(images):
+            raise PipelineError(f"params: train.val_size: {params.val_size} leaves no "
+                                f"training images out of {len(images)}")
+        keep, held = split_validation(len(images), params.val_size, params.seed)
+        parts["train"], parts["val"] = (images[keep], labels[keep]), (images[held], labels[held])
+    tensors = {name: (to_tensor(im, mean, std, device, params.channels_last),
+                      torch.from_numpy(lab).to(device)) for name, (im, lab) in parts.items()}
+    md5s = file_md5s([raw_dir / name for split in SPLITS.values() for name in split])
+    example = (images[:2, None] / 255.0).astype(np.float32)
+    return TrainData(tensors["train"], tensors.get("val"), mean, std, md5s, example)
+
+
+def resume_point(path: Path | None, fingerprint: str, print_fn: Callable[[str], None]
+                 ) -> dict[str, Any] | None:
+    """The checkpoint to resume from, or None (none there, finished, or from other inputs)."""
+    payload = load_checkpoint(path) if path is not None else None
+    if payload is None or payload["complete"]:
+        return None
+    if payload["fingerprint"] != fingerprint:
+        print_fn(f"Discarding checkpoint {path}: it was made with other params or data")
+        return None
+    return payload
+
+
+def epoch_metrics(row: Mapping[str, float]) -> dict[str, float]:
+    """The per-epoch values that are logged and plotted (not last_batch_loss)."""
+    return {k: row[k] for k in EPOCH_METRICS if k in row}
+
+
+def epoch_line(epoch: int, metrics: Mapping[str, float]) -> str:
+    val = (f", Val: {metrics['val_accuracy']:.4f}" if "val_accuracy" in metrics else "")
+    return (f"Epoch: {epoch}, Loss: {metrics['train_loss']:.6f}, LR: {metrics['lr']:.3g}, "
+            f"Accuracy: {metrics['train_accuracy']:.4f}{val}, "
+            f"Time: {metrics['epoch_seconds']:.1f} s")
+
+
+def run_tags(params: TrainParams, data: TrainData, device: torch.device, determinism: str,
+             extra: Mapping[str, str] | None) -> dict[str, str]:
+    """Provenance of the run: environment, data checksums, params hash, kernels used."""
+    return {
+        **environment_tags(device, determinism),
+        **{f"data_md5.{k}": v for k, v in data.md5s.items()},
+        "params_hash": params_hash(to_dict(params)),
+        "fused_kernels": fused_status(params, device),
+        **(extra or {}),
+    }
+
+
+def train(
+    state: TrainState, params: TrainParams, data: TrainData, tracker: NullTracker,
+    outputs: TrainOutputs, fingerprint: str, print_fn: Callable[[str], None],
+    on_step: Callable[[], None] | None = None,
+) -> list[dict[str, float]]:
+    """Run the epochs left, checkpointing and logging after each; return the whole history."""
+    logged = tracker.logged_steps("train_loss")
+    for row in state.history:  # epochs finished before a kill but never logged
+        if row["epoch"] not in logged:
+            tracker.log_metrics(epoch_metrics(row), step=row["epoch"])
+
+    def checkpoint() -> None:
+        if outputs.checkpoint is not None:
+            save_checkpoint(outputs.checkpoint, state, tracker.run_id, fingerprint)
+
+    def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
+        checkpoint()  # first: a kill after this line loses nothing
+        print_fn(epoch_line(epoch, metrics))
+        tracker.log_metrics(epoch_metrics(metrics), step=epoch)
+
+    checkpoint()  # records the run id before the first epoch
+    history = fit(state, params, *data.train, on_epoch_end, on_step, data.val)
+    if state.epoch < params.epochs:
+        tracker.log_metrics({"stopped_epoch": state.epoch})
+        print_fn(f"Stopped early after epoch {state.epoch}: no lower validation loss in "
+                 f"{params.early_stop_patience} epoch(s)")
+    if state.best is not None:
+        tracker.log_metrics({"best_epoch": state.best["epoch"]})
+        print_fn(f"Best epoch on validation: {state.best['epoch']} "
+                 f"({state.best['val_accuracy']:.4%})")
+    return history
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """A plain state_dict on the CPU (contiguous), written atomically."""
+    save_state_file(path, {k: v.detach().cpu().contiguous()
+                           for k, v in model.state_dict().items()})
+
+
+def register(net: torch.nn.Module, params: TrainParams, data: TrainData,
+             tracker: NullTracker, weights: Path) -> dict[str, Any]:
+    """Log the weights and the deployable model to the run and register a new version."""
+    try:
+        tracker.log_artifact(weights, "weights")  # for ensembles
+        registered = log_and_register(deployable(net, data.mean, data.std, params.tta),
+                                      data.example, params.registered_model, tracker.run_id)
+    except Exception as exc:  # the store went away: keep everything for a re-run
+        raise TrackingError(
+            f"could not log and register the model ({type(exc).__name__}: "
+            f"{str(exc)[:300]}). Weights and checkpoint are kept: re-run when the "
+            "tracking store is back to log and register without training again."
+        ) from None
+    return {"model_uri": registered.model_uri, "registered_model": registered.registered_model,
+            "version": registered.version, "registry_uri": registered.registry_uri}
+
+
+def publish(
+    state: TrainState, params: TrainParams, data: TrainData, tracker: NullTracker,
+    outputs: TrainOutputs, history: list[dict[str, float]], duration: float,
+    device: torch.device, print_fn: Callable[[str], None],
+) -> dict[str, Any]:
+    """Write the weights, history and metrics; log and register the model (when tracked)."""
+    net = final_model(state)
+    save_weights(net, outputs.weights)
+    last = history[-1]
+    metrics = {
+        **{k: last[k] for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+           if k in last},
+        "epochs": state.epoch, "duration_seconds": round(duration, 3), "device": device.type,
+    }
+    write_json(outputs.history, [{"epoch": row["epoch"], **epoch_metrics(row)}
+                                 for row in history])
+    run_info: dict[str, Any] = {"run_id": tracker.run_id}
+    if tracker.run_id is not None:
+        run_info.update(register(net, params, data, tracker, outputs.weights))
+        print_fn(f"Registered {run_info['registry_uri']} (run {tracker.run_id})")
+    write_json(outputs.metrics, metrics)
+    write_json(outputs.run_info, run_info)
+    return {**metrics, **run_info}
+
+
+def run_training(
+    params: TrainParams, raw_dir: Path, stats: Mapping[str, Any], outputs: TrainOutputs,
+    device: torch.device, tracker: NullTracker | None = None,
+    tags: Mapping[str, str] | None = None, print_fn: Callable[[str], None] = print,
+    on_step: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Train (resuming from the checkpoint when there is a matching one), save weights and
+    metrics, log and register the model."""
+    tracker = tracker or NullTracker()
+    data = prepare_data(params, raw_dir, stats, device)
+    fingerprint = data.fingerprint(params)
+    determinism = configure_determinism(device, params.cuda_deterministic)
+    all_tags = run_tags(params, data, device, determinism, tags)
+    state = build_state(params, device, len(data.train[0]) // params.batch_size)
+    resume = resume_point(outputs.checkpoint, fingerprint, print_fn)
+    if resume is not None:
+        restore(state, resume)
+        print_fn(f"Resuming after epoch {state.epoch} (MLflow run {resume['run_id']})")
+    started = time.perf_counter()
+    with tracker.run(run_id=resume["run_id"] if resume else None):
+        tracker.set_tags(all_tags)
+        if resume is None:
+            tracker.log_params({**to_dict(params), "stats.mean": data.mean,
+                                "stats.std": data.std})
+        history = train(state, params, data, tracker, outputs, fingerprint, print_fn, on_step)
+        result = publish(state, params, data, tracker, outputs, history,
+                         time.perf_counter() - started, device, print_fn)
+        if outputs.checkpoint is not None:
+            save_checkpoint(outputs.checkpoint, state, tracker.run_id, fingerprint,
+                            complete=True)
+    return result
