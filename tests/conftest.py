@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -140,3 +141,15 @@ def client(pipeline):
 def run_info(pipeline):
     repo, _, _ = pipeline
     return json.loads((repo / "models" / "run.json").read_text())
+
+
+def load_script(path: Path) -> ModuleType:
+    """A script (e.g. bench/report.py) as a module; what it adds to sys.path is undone."""
+    import importlib.util
+
+    saved = list(sys.path)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.path[:] = saved
+    return module

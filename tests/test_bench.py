@@ -6,7 +6,6 @@ here looks at a timing.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,18 +18,12 @@ import torch
 from mnist_pipeline.loop import to_tensor
 from mnist_pipeline.params import TrainParams
 
-from .conftest import ROOT, load_real, write_idx
+from .conftest import ROOT, load_real, load_script, write_idx
 
 
 @pytest.fixture(scope="module")
 def bench():
-    """bench/train_speed.py as a module (it puts src/ and bench/ on sys.path: undone here)."""
-    saved = list(sys.path)
-    spec = importlib.util.spec_from_file_location("train_speed", ROOT / "bench" / "train_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sys.path[:] = saved
-    return module
+    return load_script(ROOT / "bench" / "train_speed.py")
 
 
 @pytest.fixture(scope="module")
