@@ -19,7 +19,7 @@ from .augment import shifted_views
 from .data import NUM_CLASSES
 from .runtime import autocast
 
-# Batches of 200 keep a CPU's activations in cache: faster than larger ones (bench/RESULTS.md).
+# Batches of 200 keep a CPU's activations in cache, which larger ones do not.
 BATCH_SIZE = 200
 Batch = TypeVar("Batch", np.ndarray, torch.Tensor)
 

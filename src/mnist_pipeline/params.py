@@ -81,7 +81,7 @@ class TrainParams:
     # the eager modules where it cannot be built, on a GPU, with bf16, with compile or
     # without channels_last.
     fused_kernels: bool = True
-    # small batches keep a CPU's activations in cache (bench/RESULTS.md)
+    # small batches keep a CPU's activations in cache
     eval_batch_size: int = field(default=200, metadata=_num(1, 10000))
     cuda_deterministic: bool = True
 
