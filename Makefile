@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: help install repro test test-all lint ui serve exp ensemble accuracy bench report clean
+.PHONY: help install repro test test-all lint ui serve exp ensemble accuracy bench bench-ddp report clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -64,6 +64,10 @@ bench: install ## Time the training path against the reference loop; write bench
 	$(PY) bench/train_speed.py --device cpu --epochs 1 --repeats 3 --variant default \
 		--variant unfused --variant plain+channels_last --variant plain \
 		--json bench/results/speed.json
+
+bench-ddp: install ## One training process against two (torchrun); write bench/results/ddp.json
+	$(PY) bench/train_speed.py --device cpu --steps 150 --repeats 3 --variant default \
+		--variant ddp2 --json bench/results/ddp.json
 
 report: install ## Regenerate bench/RESULTS.md from bench/results/*.json
 	$(PY) bench/report.py > bench/RESULTS.md

@@ -4,6 +4,7 @@
 
 Inputs (each written by the command named in its section, numbers only):
   bench/results/speed.json     `make bench`    (bench/train_speed.py --json ...)
+  bench/results/ddp.json       `make bench-ddp` (the same, one process against two)
   bench/results/accuracy.json  `make accuracy` (bench/accuracy.py)
   bench/results/source.json    what the blog post the reference recipe comes from reports
 A result file that is absent leaves its section out. tests/test_layout.py checks that the
@@ -40,6 +41,7 @@ ROW_NAMES = {
     "unfused": "project, eager modules (`fused_kernels: false`)",
     "plain+channels_last": "project, eager modules and for-loop Adam",
     "plain": "project plain (NCHW, for-loop Adam, eager modules)",
+    "ddp2": "project default, 2 processes (`train.nproc: 2`)",
 }
 
 
@@ -109,6 +111,42 @@ def speed_section(speed: dict[str, Any]) -> list[str]:
     return lines
 
 
+def ddp_section(ddp: dict[str, Any]) -> list[str]:
+    """One process with all the threads against several processes (torchrun, DDP)."""
+    s, rows = ddp["settings"], {r["name"]: r for r in ddp["rows"]}
+    one, many = rows["default"], rows["ddp2"]
+    lines = [
+        "## Data-parallel training (CPU)",
+        "",
+        "The train stage's loop in one process with every thread against the same loop in "
+        "two processes under `torchrun --standalone` (`train.nproc: 2`: gloo, "
+        "DistributedDataParallel, 50 images per process and step, the cores split between "
+        "them), with the reference loop for scale. Same method as the speed table: fresh "
+        "processes, alternating runs, medians.",
+        "",
+        f"- Machine: {machine_line(ddp['machine'])}",
+        f"- Runs: {s['epochs']} epoch(s) of "
+        + (f"{s['steps']} steps, extrapolated to a whole epoch" if s["steps"] else "60,000 images")
+        + f", {s['repeats']} alternating repeat(s), batch {s['batch_size']} over all processes",
+        f"- Command: `make bench-ddp` (`python {s['command']}`)",
+        "",
+        "| row | processes x threads | s/epoch | images/s | vs reference |",
+        "|-----|--------------------:|--------:|---------:|-------------:|",
+    ]
+    for name, r in rows.items():
+        shape = ("-" if name == "reference" else
+                 f"{r['runs'][0]['processes']} x {r['runs'][0]['threads_per_process']}")
+        lines.append(f"| {ROW_NAMES.get(name, 'project ' + name)} | {shape} | "
+                     f"{r['seconds_per_epoch']:.2f} | {r['images_per_second']:.0f} | "
+                     f"{r['ratio']:.2f}x |")
+    gain = many["images_per_second"] / one["images_per_second"]
+    lines += ["", f"Two processes train at {gain:.2f}x the speed of one on this machine: "
+              "with as many cores as processes, data parallelism only splits the same cores "
+              "and adds a gradient all-reduce per step. It pays with a GPU or more cores per "
+              "process."]
+    return lines
+
+
 def accuracy_table(accuracy: dict[str, Any]) -> list[str]:
     """The accuracy table, also quoted in README.md."""
     lines = ["| recipe | epochs | seeds | test accuracy per seed | mean | ensemble of the seeds "
@@ -148,7 +186,7 @@ def accuracy_section(accuracy: dict[str, Any], source: dict[str, Any] | None) ->
 
 def report(folder: Path = RESULTS) -> str:
     speed, accuracy = load("speed.json", folder), load("accuracy.json", folder)
-    source = load("source.json", folder)
+    source, ddp = load("source.json", folder), load("ddp.json", folder)
     lines = [
         "# Benchmark results",
         "",
@@ -163,6 +201,8 @@ def report(folder: Path = RESULTS) -> str:
         lines += ["", *accuracy_section(accuracy, source)]
     if speed:
         lines += ["", *speed_section(speed)]
+    if ddp:
+        lines += ["", *ddp_section(ddp)]
     return "\n".join(lines) + "\n"
 
 

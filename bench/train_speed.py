@@ -17,6 +17,8 @@ torchvision and numpy (no mlflow, dvc or PyYAML).
       --variant plain --variant plain+channels_last     (tokens apply left to right)
   python bench/train_speed.py --device cuda --repeats 3 --variant default --variant bf16
       (on CUDA also the whole recipe per variant: time to 99.5% test accuracy; see --recipe)
+  python bench/train_speed.py --device cpu --steps 150 --repeats 3 --variant default \
+      --variant ddp2      (ddp2: 2 processes under torchrun, data parallel, threads shared)
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Measure this checkout's code, whether or not the package is installed.
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "bench")]
 
+from mnist_pipeline import distributed  # noqa: E402
 from mnist_pipeline.data import SPLITS, load_split  # noqa: E402
 from mnist_pipeline.fused import status as fused_status  # noqa: E402
 from mnist_pipeline.loop import build_state, fit, to_tensor, validate  # noqa: E402
@@ -68,6 +71,9 @@ TOKENS: dict[str, dict[str, Any]] = {
     "compile": {"compile": True},
     "bf16": {"amp": "bf16"},
     "nondeterministic": {"cuda_deterministic": False},
+    # 2 processes under torchrun (DistributedDataParallel; gloo on the CPU, NCCL on CUDA),
+    # the cores shared between them
+    "ddp2": {"nproc": 2},
 }
 TARGET_ACCURACY = 0.995
 RESULT_MARK = "BENCH-RESULT "  # the child's one line of JSON on stdout
@@ -161,20 +167,20 @@ def project_tensors(
 
 def run_project(
     params: TrainParams, tensors: tuple[torch.Tensor, ...], epochs: int, device: torch.device,
-    measure_accuracy: bool = True,
+    measure_accuracy: bool = True, world: distributed.World = distributed.SINGLE,
 ) -> dict[str, Any]:
     """The pipeline's own path: configure_determinism, build_state, fit, evaluate."""
     x, y, x_test, y_test = tensors
     params = dataclasses.replace(params, epochs=epochs)
     configure_determinism(device, params.cuda_deterministic)
-    state = build_state(params, device)
+    state = build_state(params, device, world=world)
     sync(device)
     start = time.perf_counter()
-    fit(state, params, x, y)
+    fit(state, params, x, y, world=world)
     sync(device)
     seconds = time.perf_counter() - start
     accuracy = float("nan")
-    if measure_accuracy:
+    if measure_accuracy and world.is_main:
         accuracy = validate(state.model, x_test, y_test, params.eval_batch_size,
                             params.amp)["accuracy"]
     images = epochs * (len(x) // params.batch_size) * params.batch_size
@@ -220,23 +226,25 @@ def cpu_share(cpu_start: float, wall_start: float) -> float:
     return (time.process_time() - cpu_start) / wall
 
 
-def child_project(args: argparse.Namespace, row: str, device: torch.device) -> dict[str, Any]:
+def child_project(args: argparse.Namespace, row: str, device: torch.device,
+                  world: distributed.World = distributed.SINGLE) -> dict[str, Any]:
     recipe = row.startswith("recipe:")
     params = variant_params(row.removeprefix("recipe:"))
     start = time.perf_counter()
     if args.warmup:  # untimed, on a throwaway model; for 'compile', the compilation
         run_project(params, project_tensors(args, params, device, args.warmup), 1, device,
-                    measure_accuracy=False)
+                    measure_accuracy=False, world=world)
     warmup = time.perf_counter() - start
     tensors = project_tensors(args, params, device, args.steps)
     cpu, wall = time.process_time(), time.perf_counter()
     if recipe:
         result = run_recipe(params, tensors, args.recipe_epochs, device)
     else:
-        result = run_project(params, tensors, args.epochs, device)
+        result = run_project(params, tensors, args.epochs, device, world=world)
     return {**result, "warmup_seconds": warmup, "epoch_images": epoch_images(args.raw),
             "cpu_share": cpu_share(cpu, wall),
-            "fused_kernels": fused_status(params, device)}
+            "fused_kernels": fused_status(params, device),
+            "processes": world.size, "threads_per_process": torch.get_num_threads()}
 
 
 def child_reference(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -256,25 +264,39 @@ def child_reference(args: argparse.Namespace, device: torch.device) -> dict[str,
 
 def child_main(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
-    if args.threads:
+    world = distributed.SINGLE
+    if distributed.launched_by_torchrun(os.environ):  # one rank of a data-parallel row
+        world, device, _ = distributed.join(os.environ, device, "auto", 100, False,
+                                            args.threads)
+    elif args.threads:
         torch.set_num_threads(args.threads)
     if args.child == "reference":
         result = child_reference(args, device)
     else:
-        result = child_project(args, args.child, device)
-    print(RESULT_MARK + json.dumps({**result, "flags": global_flags()}), flush=True)
+        result = child_project(args, args.child, device, world)
+    if world.is_main:
+        print(RESULT_MARK + json.dumps({**result, "flags": global_flags()}), flush=True)
+    distributed.stop(world)
     return 0
 
 
 # --- the parent: runs the children, alternating, and reports ---------------------------------
 
 def run_child(args: argparse.Namespace, row: str) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", row,
+    """One timed run in a fresh process (under torchrun for a row of several processes)."""
+    cmd = [str(Path(__file__).resolve()), "--child", row,
            "--device", args.device, "--epochs", str(args.epochs), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--threads", str(args.threads),
            "--recipe-epochs", str(args.recipe_epochs), "--raw", str(args.raw),
            "--stats", str(args.stats)]
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+    nproc = 1 if row == "reference" else variant_params(row.removeprefix("recipe:")).nproc
+    if nproc > 1:
+        # torchrun's own --standalone launch; threads split as the train stage splits them
+        cmd, env = distributed.plan_torchrun(nproc, torch.device(args.device), "auto", 100,
+                                             False, args.threads, os.environ, cmd)
+    else:
+        cmd, env = [sys.executable, *cmd], None
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False, env=env)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith(RESULT_MARK)]
     if done.returncode != 0 or not lines:
         raise SystemExit(f"train_speed: the {row!r} run failed (exit {done.returncode})")

@@ -1,7 +1,10 @@
 """Stage `train`: train the CNN, track the run in MLflow and register the model.
 
 Runtime choices (not DVC params): --device / $MNIST_DEVICE (auto, cpu, cuda, cuda:N),
---threads / $MNIST_THREADS (CPU threads), $MLFLOW_TRACKING_URI (default: ./mlruns, SQLite).
+--threads / $MNIST_THREADS (CPU threads per process), $MLFLOW_TRACKING_URI (default: ./mlruns,
+SQLite); with train.nproc > 1 the stage runs itself under torchrun (--standalone, or
+$MNIST_TORCHRUN_ARGS, e.g. for several machines), --backend / $MNIST_DIST_BACKEND (auto, gloo,
+nccl).
     python stages/train.py --params params.yaml --raw data/raw --stats metrics/stats.json \
         --weights models/model.pt --metrics metrics/train.json \
         --history plots/train_history.json --run-info models/run.json \
@@ -13,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
 import torch
 
+from mnist_pipeline import distributed
 from mnist_pipeline.errors import run_stage
 from mnist_pipeline.io import read_json
 from mnist_pipeline.params import load_params
@@ -33,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", type=Path, help="resumable state, written every epoch")
     parser.add_argument("--device", default=os.environ.get("MNIST_DEVICE", "auto"))
     parser.add_argument("--threads", type=int, default=os.environ.get("MNIST_THREADS", "0"))
+    parser.add_argument("--backend", default=os.environ.get("MNIST_DIST_BACKEND", "auto"))
     args = parser.parse_args(argv)
 
     params = load_params(args.params, "train")
@@ -40,20 +46,33 @@ def main(argv: list[str] | None = None) -> None:
     # metrics are kept and re-sent (see mnist_pipeline.tracking).
     for name, value in (("MAX_RETRIES", "2"), ("BACKOFF_FACTOR", "1"), ("TIMEOUT", "20")):
         os.environ.setdefault(f"MLFLOW_HTTP_REQUEST_{name}", value)
-    stats = read_json(args.stats)
     device = select_device(args.device)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     uri, artifacts = resolve_tracking(os.environ, Path.cwd())
     tracker = MlflowTracker(uri, params.experiment_name, artifacts)
-    tracker.check()  # an unreachable store fails now, not after training
+    world, note, launch = distributed.world_from_env(os.environ), None, None
+    if distributed.launched_by_torchrun(os.environ):
+        world, device, note = distributed.join(os.environ, device, args.backend,
+                                               params.batch_size, params.compile, args.threads)
+    elif params.nproc > 1 or os.environ.get("MNIST_TORCHRUN_ARGS"):
+        launch = distributed.plan_torchrun(
+            params.nproc, device, args.backend, params.batch_size, params.compile,
+            args.threads, os.environ, [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+    elif args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if world.is_main:
+        tracker.check()  # an unreachable store fails now, not after training
+    if launch is not None:  # this process becomes torchrun, which runs this script again
+        print("Launching:", shlex.join(launch[0]), flush=True)
+        os.execve(launch[0][0], *launch)
     tags = {**git_state(Path.cwd()), **{
         k: os.environ[k] for k in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV") if k in os.environ}}
-    print(f"Training on {device} ({torch.get_num_threads()} CPU threads); tracking at {uri}")
+    if world.is_main:
+        print(f"Training on {device} ({world.size} process(es) x {torch.get_num_threads()} CPU "
+              f"threads); tracking at {uri}" + (f"; {note}" if note else ""), flush=True)
 
     # a progress bar within each epoch, only when a person is watching
     progress = None
-    if sys.stderr.isatty():
+    if sys.stderr.isatty() and world.is_main:
         from tqdm import tqdm
 
         progress = tqdm(leave=False, unit="batch")
@@ -65,8 +84,11 @@ def main(argv: list[str] | None = None) -> None:
 
     outputs = TrainOutputs(args.weights, args.metrics, args.history, args.run_info,
                            args.checkpoint)
-    run_training(params, args.raw, stats, outputs, device, tracker, tags, print_fn=show,
-                 on_step=progress.update if progress is not None else None)
+    run_training(params, args.raw, read_json(args.stats), outputs, device, tracker, tags,
+                 print_fn=show, on_step=progress.update if progress is not None else None,
+                 world=world)
+    distributed.stop(world)
+
 
 if __name__ == "__main__":
     run_stage(main)

@@ -77,6 +77,22 @@ def test_bench_writes_the_table_and_json_without_yaml_or_mlflow(tiny, tmp_path):
     assert "reference" in done.stdout and "project fused+channels_last" in done.stdout
 
 
+def test_bench_data_parallel_row_runs_two_processes(tiny, tmp_path):
+    """The ddp2 row: two ranks under torchrun, one result, the threads split between them."""
+    raw, env = tiny
+    out = tmp_path / "out.json"
+    done = run_bench(env, "--device", "cpu", "--steps", "2", "--warmup", "1", "--threads", "2",
+                     "--variant", "default", "--variant", "ddp2", "--raw", str(raw),
+                     "--stats", str(tmp_path / "none.json"), "--json", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    one, two = rows["default"]["runs"][0], rows["ddp2"]["runs"][0]
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert two["threads_per_process"] * 2 <= os.cpu_count()
+    assert two["images"] == one["images"] == 200  # the same global batches
+    assert 0 <= two["test_accuracy"] <= 1 and two["fused_kernels"] == one["fused_kernels"]
+
+
 def test_recipe_reports_accuracy_per_epoch_and_when_the_target_was_reached(bench, monkeypatch):
     images, labels = load_real("train", 200)
     x = to_tensor(images, 0.13, 0.31, torch.device("cpu"))

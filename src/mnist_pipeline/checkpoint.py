@@ -1,7 +1,8 @@
 """Per-epoch training checkpoints: everything needed to resume exactly where a run stopped.
 
-A checkpoint holds the model, optimizer, scheduler and shuffling-generator states, the epoch
-and history, the MLflow run id, and a fingerprint of the params and data it belongs to. It is
+A checkpoint holds the model, optimizer, scheduler and shuffling-generator states (with
+several ranks, each rank's augmentation generator too), the epoch and history, the MLflow run
+id, and a fingerprint of the params, data and world size it belongs to. It is
 written atomically (a kill at any moment leaves the previous one intact) and read with
 `weights_only=True` (no pickle).
 """
@@ -24,7 +25,10 @@ class CheckpointError(PipelineError):
 
 
 def save_checkpoint(path: Path, state: TrainState, run_id: str | None, fingerprint: str,
-                    complete: bool = False) -> None:
+                    complete: bool = False,
+                    rank_generators: list[torch.Tensor] | None = None) -> None:
+    """Write `state` (and every rank's augmentation generator state, when there are several
+    ranks) to `path`."""
     payload = {
         "model": state.model.state_dict(),
         "optimizer": state.optimizer.state_dict(),
@@ -39,6 +43,7 @@ def save_checkpoint(path: Path, state: TrainState, run_id: str | None, fingerpri
                             if state.batch_scheduler is not None else None),
         "ema": state.ema.state_dict() if state.ema is not None else None,
         "best": state.best,
+        "rank_generators": rank_generators,
     }
     save_state_file(path, payload)
 
@@ -76,9 +81,11 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
     return payload
 
 
-def restore(state: TrainState, payload: dict[str, Any]) -> None:
-    """Put the checkpoint's states into a freshly built TrainState."""
+def restore(state: TrainState, payload: dict[str, Any], rank: int = 0) -> None:
+    """Put the checkpoint's states into a freshly built TrainState (of rank `rank`)."""
     try:
+        if state.augment_generator is not None:
+            state.augment_generator.set_state(payload["rank_generators"][rank])
         state.model.load_state_dict(payload["model"])
         state.optimizer.load_state_dict(payload["optimizer"])
         if state.scheduler is not None:
@@ -88,7 +95,7 @@ def restore(state: TrainState, payload: dict[str, Any]) -> None:
             state.batch_scheduler.load_state_dict(payload["batch_scheduler"])
         if state.ema is not None:
             state.ema.load_state_dict(payload["ema"])
-    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
         raise CheckpointError(f"checkpoint does not fit the model: {exc}") from None
     state.best = payload.get("best")
     state.epoch = int(payload["epoch"])

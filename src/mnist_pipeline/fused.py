@@ -173,6 +173,17 @@ def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model.classifier(h.flatten(1))
 
 
+class FusedForward(nn.Module):
+    """`forward(model, x)` as a module, for DistributedDataParallel to wrap."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return forward(self.model, x)
+
+
 def _update_running(bn: nn.BatchNorm2d, mean: torch.Tensor, var_unbiased: torch.Tensor) -> None:
     """BatchNorm2d's own update of its running estimates (momentum form)."""
     with torch.no_grad():
@@ -235,6 +246,8 @@ class _ConvBnRelu(torch.autograd.Function):
         y, x, conv_w, conv_b, mean, invstd, weight = ctx.saved_tensors
         dcw, dcb, dw, db = extension().conv_bn_relu_backward(grad_y, y, x, conv_w, conv_b,
                                                              mean, invstd, weight)
+        # the weight's own strides (channels-last), as DistributedDataParallel's buckets expect
+        dcw = torch.empty_like(conv_w).copy_(dcw)
         return None, dcw, dcb, dw, db, None  # (x is the data: it needs no gradient)
 
 

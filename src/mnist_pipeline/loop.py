@@ -3,6 +3,8 @@
 The data live as one normalised float32 tensor on the training device; each epoch draws a
 seeded permutation and slices batches by index. `train_one_epoch` and `validate` return
 metrics and neither print nor log; `fit` runs the epochs and reports through a callback.
+With several processes (`distributed.World`), each rank trains on its slice of every batch
+under DistributedDataParallel and the epoch's metrics are reduced over the ranks.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import nn
 
 from . import fused
 from .augment import random_affine
+from .distributed import SINGLE, World, rank_seed, shard, sync_batchnorm, wrap
 from .ema import WeightEMA
 from .inference import predict_logits
 from .model import MnistCNN
@@ -53,25 +56,31 @@ class TrainState:
     batch_scheduler: BatchScheduler | None = None  # stepped per batch
     ema: WeightEMA | None = None
     best: dict[str, Any] | None = None  # {"epoch", "val_accuracy", "state"} with select_best
+    # With several ranks, each rank's own draws for augmentation (seeded by seed and rank);
+    # the shuffling `generator` stays the same on every rank. None: `generator` draws both.
+    augment_generator: torch.Generator | None = None
 
     def eval_model(self) -> nn.Module:
         """The network to evaluate and export: the weight average when there is one."""
         return self.ema.module if self.ema is not None else self.model
 
 
-def build_state(params: TrainParams, device: torch.device, steps_per_epoch: int = 600
-                ) -> TrainState:
-    """A freshly initialised model, optimizer, schedulers, EMA and shuffling generator."""
+def build_state(params: TrainParams, device: torch.device, steps_per_epoch: int = 600,
+                world: World = SINGLE) -> TrainState:
+    """A freshly initialised model, optimizer, schedulers, EMA and generators (the same on
+    every rank, but for each rank's augmentation generator)."""
     torch.manual_seed(params.seed)
-    model = MnistCNN().to(device)
+    model = sync_batchnorm(MnistCNN().to(device), world, device)
     if params.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(params, model)
     scheduler, batch_scheduler = build_schedulers(params, optimizer, steps_per_epoch)
     ema = WeightEMA(model, params.ema_decay) if params.ema_decay > 0 else None
     generator = torch.Generator().manual_seed(params.seed)
+    augment_generator = (torch.Generator().manual_seed(rank_seed(params.seed, world.rank))
+                         if world.size > 1 else None)
     return TrainState(model, optimizer, scheduler, generator, batch_scheduler=batch_scheduler,
-                      ema=ema)
+                      ema=ema, augment_generator=augment_generator)
 
 
 def train_one_epoch(
@@ -80,9 +89,10 @@ def train_one_epoch(
     on_step: Callable[[], None] | None = None, step_fn: Callable | None = None, *,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
     label_smoothing: float = 0.0, batch_scheduler: BatchScheduler | None = None,
-    ema: WeightEMA | None = None,
+    ema: WeightEMA | None = None, world: World = SINGLE,
 ) -> dict[str, float]:
-    """One pass over (x, y) in seeded random batches (a short last batch is dropped)."""
+    """One pass over (x, y) in seeded random batches of `batch_size` images over all ranks
+    (a short last batch is dropped); with several ranks, the metrics are of all of them."""
     model.train()
     device = x.device
     order = torch.randperm(len(x), generator=generator).to(device)
@@ -91,7 +101,7 @@ def train_one_epoch(
     correct = torch.zeros((), device=device, dtype=torch.long)
     loss = loss_sum
     for i in range(steps):
-        idx = order[i * batch_size : (i + 1) * batch_size]
+        idx = shard(order, i, batch_size, world)
         xb, yb = x[idx], y[idx]
         if augment is not None:
             xb = augment(xb)
@@ -110,6 +120,14 @@ def train_one_epoch(
         correct += (logits.detach().argmax(1) == yb).sum()
         if on_step is not None:
             on_step()
+    if world.backend is not None:
+        totals = world.sum_(torch.stack([t.detach().double()
+                                         for t in (loss_sum, loss, correct)]))
+        return {
+            "train_loss": totals[0].item() / max(world.size * steps, 1),
+            "last_batch_loss": totals[1].item() / world.size,
+            "train_accuracy": totals[2].item() / max(steps * batch_size, 1),
+        }
     return {
         "train_loss": loss_sum.item() / max(steps, 1),
         "last_batch_loss": loss.item(),
@@ -142,12 +160,17 @@ def stops_early(history: list[dict[str, float]], patience: int) -> bool:
     return min(losses[-patience:]) >= min(losses[:-patience])
 
 
-def _step_function(state: TrainState, params: TrainParams, device: torch.device
-                   ) -> Callable | None:
-    """What computes a batch's logits in training: compiled, fused, or the model itself."""
+def _step_function(state: TrainState, params: TrainParams, device: torch.device,
+                   world: World = SINGLE) -> Callable | None:
+    """What computes a batch's logits in training: compiled, fused, or the model itself;
+    under DistributedDataParallel when there are several ranks."""
     if params.compile:
         return torch.compile(state.model)
-    if fused.status(params, device) == "on":  # (forward checks the model itself)
+    fused_on = fused.status(params, device) == "on"  # (forward checks the model itself)
+    if world.backend is not None:
+        return wrap(fused.FusedForward(state.model) if fused_on else state.model, world,
+                    device)
+    if fused_on:
         return functools.partial(fused.forward, state.model)
     return None
 
@@ -155,22 +178,26 @@ def _step_function(state: TrainState, params: TrainParams, device: torch.device
 def fit(
     state: TrainState, params: TrainParams, x: torch.Tensor, y: torch.Tensor,
     on_epoch_end: EpochCallback | None = None, on_step: Callable[[], None] | None = None,
-    val: tuple[torch.Tensor, torch.Tensor] | None = None,
+    val: tuple[torch.Tensor, torch.Tensor] | None = None, world: World = SINGLE,
 ) -> list[dict[str, float]]:
     """Train from state.epoch + 1 to params.epochs; return the whole per-epoch history.
 
     With a validation split `val`, each epoch also reports val_loss and val_accuracy (of the
     network that would be exported), `select_best` keeps the best epoch in state.best and
-    `early_stop_patience` ends training early (see `stops_early`; also when resumed).
+    `early_stop_patience` ends training early (see `stops_early`; also when resumed). With
+    several ranks, rank 0 validates and every rank gets its scores, so that all of them
+    step the scheduler and stop alike.
     """
     if x.device.type == "cpu":
         tune_cpu_allocator()  # bit-identical, faster: no page faults for each step's tensors
-    step_fn = _step_function(state, params, x.device)
+    step_fn = _step_function(state, params, x.device, world)
     augment = None
     if params.augment:
+        draws = state.augment_generator or state.generator
+
         def augment(xb: torch.Tensor) -> torch.Tensor:
-            return random_affine(xb, state.generator, params.augment_shift,
-                                 params.augment_rotate, params.augment_scale)
+            return random_affine(xb, draws, params.augment_shift, params.augment_rotate,
+                                 params.augment_scale)
     for epoch in range(state.epoch + 1, params.epochs + 1):
         if stops_early(state.history, params.early_stop_patience):
             break
@@ -179,10 +206,11 @@ def fit(
             state.model, state.optimizer, x, y, params.batch_size, state.generator,
             params.amp, on_step, step_fn, augment=augment,
             label_smoothing=params.label_smoothing, batch_scheduler=state.batch_scheduler,
-            ema=state.ema,
+            ema=state.ema, world=world,
         )
         if val is not None:
-            metrics.update(_validate_epoch(state, params, epoch, val))
+            metrics.update(world.broadcast(
+                _validate_epoch(state, params, epoch, val) if world.is_main else None))
         if state.scheduler is not None:
             key = {"last_batch": "last_batch_loss", "epoch_mean": "train_loss",
                    "val_loss": "val_loss"}[params.plateau_loss]

@@ -84,8 +84,16 @@ class TrainParams:
     # small batches keep a CPU's activations in cache
     eval_batch_size: int = field(default=200, metadata=_num(1, 10000))
     cuda_deterministic: bool = True
+    # Training processes per machine, launched with torchrun (data parallel: each takes
+    # batch_size / world size images of every step). 1: one process, no torchrun.
+    nproc: int = field(default=1, metadata=_num(1, 64))
 
     def __post_init__(self) -> None:
+        if self.batch_size % self.nproc:
+            raise ParamsError(f"params: train.batch_size: {self.batch_size} images per step "
+                              f"do not divide evenly over train.nproc={self.nproc} processes")
+        if self.compile and self.nproc > 1:
+            raise ParamsError("params: train.compile: not supported with train.nproc > 1")
         needs_val = [k for k, on in (("select_best", self.select_best),
                                      ("plateau_loss", self.plateau_loss == "val_loss"),
                                      ("early_stop_patience", self.early_stop_patience > 0))

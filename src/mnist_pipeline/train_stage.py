@@ -1,7 +1,8 @@
 """What the train stage runs: data and params in; a tracked run, a registered model and the
 stage's output files out. Four named steps: `prepare_data`, `resume_point`, `train` and
 `publish`; `run_training` calls them in order. The test set is not touched here: the evaluate
-stage scores the registered model.
+stage scores the registered model. With several ranks (torchrun), every rank trains and rank 0
+alone reads the checkpoint, logs, registers and writes the outputs.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import torch
 
 from .checkpoint import load_checkpoint, restore, save_checkpoint, save_state_file
 from .data import SPLITS, load_split
+from .distributed import SINGLE, World, plain_batchnorm
 from .errors import PipelineError
 from .fused import status as fused_status
 from .io import write_json
 from .loop import TrainState, build_state, final_model, fit, to_tensor
+from .model import MnistCNN
 from .params import TrainParams, to_dict
 from .registry import deployable, log_and_register
 from .runtime import configure_determinism, environment_tags
@@ -53,10 +56,11 @@ class TrainData:
     md5s: dict[str, str]  # of the four IDX files
     example: np.ndarray  # two training images as raw pixels: the logged model's input example
 
-    def fingerprint(self, params: TrainParams) -> str:
-        """What a checkpoint must match to be resumed: params, normalisation and data."""
+    def fingerprint(self, params: TrainParams, world_size: int = 1) -> str:
+        """What a checkpoint must match to be resumed: params, normalisation, data and the
+        number of training processes."""
         return params_hash({**to_dict(params), "stats": [self.mean, self.std],
-                            "data": self.md5s})
+                            "data": self.md5s, "world_size": world_size})
 
 
 def split_validation(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -112,10 +116,13 @@ def epoch_line(epoch: int, metrics: Mapping[str, float]) -> str:
 
 
 def run_tags(params: TrainParams, data: TrainData, device: torch.device, determinism: str,
-             extra: Mapping[str, str] | None) -> dict[str, str]:
-    """Provenance of the run: environment, data checksums, params hash, kernels used."""
+             extra: Mapping[str, str] | None, world: World = SINGLE) -> dict[str, str]:
+    """Provenance of the run: environment, data checksums, params hash, kernels used, the
+    number of processes (threads are per process)."""
     return {
         **environment_tags(device, determinism),
+        "world_size": str(world.size),
+        "distributed_backend": world.backend or "none",
         **{f"data_md5.{k}": v for k, v in data.md5s.items()},
         "params_hash": params_hash(to_dict(params)),
         "fused_kernels": fused_status(params, device),
@@ -126,17 +133,22 @@ def run_tags(params: TrainParams, data: TrainData, device: torch.device, determi
 def train(
     state: TrainState, params: TrainParams, data: TrainData, tracker: NullTracker,
     outputs: TrainOutputs, fingerprint: str, print_fn: Callable[[str], None],
-    on_step: Callable[[], None] | None = None,
+    on_step: Callable[[], None] | None = None, world: World = SINGLE,
 ) -> list[dict[str, float]]:
-    """Run the epochs left, checkpointing and logging after each; return the whole history."""
+    """Run the epochs left, checkpointing and logging after each; return the whole history.
+    Every rank calls it; only rank 0's tracker and print_fn do anything."""
     logged = tracker.logged_steps("train_loss")
     for row in state.history:  # epochs finished before a kill but never logged
         if row["epoch"] not in logged:
             tracker.log_metrics(epoch_metrics(row), step=row["epoch"])
 
     def checkpoint() -> None:
-        if outputs.checkpoint is not None:
-            save_checkpoint(outputs.checkpoint, state, tracker.run_id, fingerprint)
+        generators = None
+        if state.augment_generator is not None:  # (a collective: every rank takes part)
+            generators = world.gather(state.augment_generator.get_state())
+        if outputs.checkpoint is not None and world.is_main:
+            save_checkpoint(outputs.checkpoint, state, tracker.run_id, fingerprint,
+                            rank_generators=generators)
 
     def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
         checkpoint()  # first: a kill after this line loses nothing
@@ -144,7 +156,7 @@ def train(
         tracker.log_metrics(epoch_metrics(metrics), step=epoch)
 
     checkpoint()  # records the run id before the first epoch
-    history = fit(state, params, *data.train, on_epoch_end, on_step, data.val)
+    history = fit(state, params, *data.train, on_epoch_end, on_step, data.val, world)
     if state.epoch < params.epochs:
         tracker.log_metrics({"stopped_epoch": state.epoch})
         print_fn(f"Stopped early after epoch {state.epoch}: no lower validation loss in "
@@ -185,7 +197,7 @@ def publish(
     device: torch.device, print_fn: Callable[[str], None],
 ) -> dict[str, Any]:
     """Write the weights, history and metrics; log and register the model (when tracked)."""
-    net = final_model(state)
+    net = plain_batchnorm(final_model(state), MnistCNN)
     save_weights(net, outputs.weights)
     last = history[-1]
     metrics = {
@@ -208,30 +220,41 @@ def run_training(
     params: TrainParams, raw_dir: Path, stats: Mapping[str, Any], outputs: TrainOutputs,
     device: torch.device, tracker: NullTracker | None = None,
     tags: Mapping[str, str] | None = None, print_fn: Callable[[str], None] = print,
-    on_step: Callable[[], None] | None = None,
+    on_step: Callable[[], None] | None = None, world: World = SINGLE,
 ) -> dict[str, Any]:
     """Train (resuming from the checkpoint when there is a matching one), save weights and
-    metrics, log and register the model."""
+    metrics, log and register the model. With several ranks every rank calls it; rank 0
+    returns the result, the others an empty dict."""
+    if not world.is_main:
+        tracker, print_fn = NullTracker(), _quiet
     tracker = tracker or NullTracker()
     data = prepare_data(params, raw_dir, stats, device)
-    fingerprint = data.fingerprint(params)
+    fingerprint = data.fingerprint(params, world.size)
     determinism = configure_determinism(device, params.cuda_deterministic)
-    all_tags = run_tags(params, data, device, determinism, tags)
-    state = build_state(params, device, len(data.train[0]) // params.batch_size)
-    resume = resume_point(outputs.checkpoint, fingerprint, print_fn)
+    all_tags = run_tags(params, data, device, determinism, tags, world)
+    state = build_state(params, device, len(data.train[0]) // params.batch_size, world)
+    resume = world.broadcast(resume_point(outputs.checkpoint, fingerprint, print_fn)
+                             if world.is_main else None)
     if resume is not None:
-        restore(state, resume)
+        restore(state, resume, world.rank)
         print_fn(f"Resuming after epoch {state.epoch} (MLflow run {resume['run_id']})")
     started = time.perf_counter()
+    result: dict[str, Any] = {}
     with tracker.run(run_id=resume["run_id"] if resume else None):
         tracker.set_tags(all_tags)
         if resume is None:
             tracker.log_params({**to_dict(params), "stats.mean": data.mean,
                                 "stats.std": data.std})
-        history = train(state, params, data, tracker, outputs, fingerprint, print_fn, on_step)
-        result = publish(state, params, data, tracker, outputs, history,
-                         time.perf_counter() - started, device, print_fn)
-        if outputs.checkpoint is not None:
-            save_checkpoint(outputs.checkpoint, state, tracker.run_id, fingerprint,
-                            complete=True)
+        history = train(state, params, data, tracker, outputs, fingerprint, print_fn, on_step,
+                        world)
+        if world.is_main:
+            result = publish(state, params, data, tracker, outputs, history,
+                             time.perf_counter() - started, device, print_fn)
+            if outputs.checkpoint is not None:
+                save_checkpoint(outputs.checkpoint, state, tracker.run_id, fingerprint,
+                                complete=True)
     return result
+
+
+def _quiet(line: str) -> None:
+    """print_fn of the ranks other than 0."""
