@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: help install repro test test-all lint ui serve exp ensemble accuracy bench bench-ddp report clean
+.PHONY: help install repro test test-all lint ui serve exp ensemble accuracy bench bench-ddp report compare clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -44,6 +44,11 @@ SET ?=
 exp: install ## Run a named recipe as a DVC experiment: make exp RECIPE=best-single [SET="-S k=v"]
 	flags=$$($(PY) -m mnist_pipeline.recipes recipes/$(RECIPE).yaml) || exit 1; \
 	dvc exp run -n $(RECIPE)-$$(date +%H%M%S) $$flags $(SET)
+
+# The metrics and params that differ between experiments; not the dependencies' hashes.
+COMPARE := --only-changed --drop 'Created|.*/.*|duration_seconds|train_accuracy|epochs'
+compare: install ## Compare experiments: the metrics and the params that differ (120 columns)
+	dvc exp show $(COMPARE)
 
 SEEDS ?= 0 1 2 3 4 5 6
 MEMBER = $(or $(RECIPE),best-single)

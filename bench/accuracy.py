@@ -4,7 +4,7 @@ spread, and the accuracy of the ensemble of each recipe's seeds.
     python bench/accuracy.py --recipe reference --recipe best-single --seeds 0 1 2 --threads 1
 
 Trains with the train stage's own code (`train_stage.run_training`, no tracking) on data/raw
-with metrics/stats.json, and scores every model with the evaluate stage's own function
+with data/stats.json, and scores every model with the evaluate stage's own function
 (`evaluate_stage.score_test_set`) on the deployable model that the train stage registers.
 Writes bench/results/accuracy.json, from which `python bench/report.py` builds the accuracy
 table of bench/RESULTS.md. Hours on a 2-core CPU: run on demand, never in tests. Seeds can
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--recipes", type=Path, default=Path("recipes"))
     parser.add_argument("--raw", type=Path, default=Path("data/raw"))
-    parser.add_argument("--stats", type=Path, default=Path("metrics/stats.json"))
+    parser.add_argument("--stats", type=Path, default=Path("data/stats.json"))
     parser.add_argument("--out", type=Path, default=Path("bench/out/accuracy"),
                         help="trained weights, one folder per recipe and seed")
     parser.add_argument("--json", type=Path, default=Path("bench/results/accuracy.json"))

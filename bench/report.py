@@ -195,7 +195,7 @@ def report(folder: Path = RESULTS) -> str:
         "",
         "What the project measures, on which machine, and the command that measures each "
         "number again. Commands run from the repository root after `make install` and "
-        "`make repro` (or `dvc repro compute-stats`, for `data/raw` and `metrics/stats.json`).",
+        "`make repro` (or `dvc repro compute-stats`, for `data/raw` and `data/stats.json`).",
     ]
     if accuracy:
         lines += ["", *accuracy_section(accuracy, source)]

@@ -405,7 +405,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--recipe-epochs", type=int, default=TrainParams().epochs)
     p.add_argument("--raw", type=Path, default=ROOT / "data" / "raw",
                    help="the MNIST IDX files, decompressed or .gz (default data/raw)")
-    p.add_argument("--stats", type=Path, default=ROOT / "metrics" / "stats.json",
+    p.add_argument("--stats", type=Path, default=ROOT / "data" / "stats.json",
                    help="mean and std for the project path (computed from the data if absent)")
     p.add_argument("--json", type=Path, help="write the numbers here as JSON")
     p.add_argument("--child", help=argparse.SUPPRESS)  # one run, for the parent

@@ -1,6 +1,6 @@
 """Stage `compute-stats`: pixel mean/std of the training images and per-class counts.
 
-    python stages/compute_stats.py --raw data/raw --out metrics/stats.json
+    python stages/compute_stats.py --raw data/raw --out data/stats.json
 """
 
 from __future__ import annotations

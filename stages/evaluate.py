@@ -3,7 +3,8 @@
 Writes DVC metrics and plots (confusion matrix, misclassified digits), logs the same to the
 training run in MLflow and tags the registered model version with the results.
     python stages/evaluate.py --params params.yaml --raw data/raw --run-info models/run.json \
-        --metrics metrics/evaluate.json --confusion plots/confusion.json \
+        --metrics metrics/evaluate.json --report reports/evaluation.json \
+        --confusion plots/confusion.json --confusion-png plots/confusion.png \
         --misclassified plots/misclassified.png
 """
 
@@ -23,8 +24,10 @@ from mnist_pipeline.tracking import MlflowTracker, resolve_tracking
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name in ("params", "raw", "run-info", "metrics", "confusion", "misclassified"):
+    for name in ("params", "raw", "run-info", "metrics", "report", "confusion",
+                 "misclassified"):
         parser.add_argument(f"--{name}", type=Path, required=True)
+    parser.add_argument("--confusion-png", type=Path, help="the matrix with counts, as a PNG")
     args = parser.parse_args(argv)
 
     params = load_params(args.params, "evaluate")
@@ -33,7 +36,8 @@ def main(argv: list[str] | None = None) -> None:
         raise PipelineError(f"{args.run_info} names no registered model: was train tracked?")
     uri, _ = resolve_tracking(os.environ, Path.cwd())
     tracker = MlflowTracker(uri, experiment="")
-    outputs = EvaluateOutputs(args.metrics, args.confusion, args.misclassified)
+    outputs = EvaluateOutputs(args.metrics, args.report, args.confusion, args.misclassified,
+                              args.confusion_png)
     tune_cpu_allocator()  # faster CPU inference, same numbers
     report = run_evaluation(params, args.raw, run_info, outputs, tracker)
     print(f"{run_info['registry_uri']}: test accuracy {report['test_accuracy']:.4%}, "

@@ -5,10 +5,10 @@ Runtime choices (not DVC params): --device / $MNIST_DEVICE (auto, cpu, cuda, cud
 SQLite); with train.nproc > 1 the stage runs itself under torchrun (--standalone, or
 $MNIST_TORCHRUN_ARGS, e.g. for several machines), --backend / $MNIST_DIST_BACKEND (auto, gloo,
 nccl).
-    python stages/train.py --params params.yaml --raw data/raw --stats metrics/stats.json \
+    python stages/train.py --params params.yaml --raw data/raw --stats data/stats.json \
         --weights models/model.pt --metrics metrics/train.json \
-        --history plots/train_history.json --run-info models/run.json \
-        --checkpoint checkpoints/train.pt
+        --history plots/train_history.json --curves plots/train_curves.png \
+        --run-info models/run.json --checkpoint checkpoints/train.pt
 A run killed at any moment resumes from its last finished epoch when re-run (same MLflow run).
 """
 
@@ -18,6 +18,7 @@ import argparse
 import os
 import shlex
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("params", "raw", "stats", "weights", "metrics", "history", "run-info"):
         parser.add_argument(f"--{name}", type=Path, required=True)
     parser.add_argument("--checkpoint", type=Path, help="resumable state, written every epoch")
+    parser.add_argument("--curves", type=Path, help="PNG of the per-epoch curves")
     parser.add_argument("--device", default=os.environ.get("MNIST_DEVICE", "auto"))
     parser.add_argument("--threads", type=int, default=os.environ.get("MNIST_THREADS", "0"))
     parser.add_argument("--backend", default=os.environ.get("MNIST_DIST_BACKEND", "auto"))
@@ -83,10 +85,13 @@ def main(argv: list[str] | None = None) -> None:
         print(line, flush=True)
 
     outputs = TrainOutputs(args.weights, args.metrics, args.history, args.run_info,
-                           args.checkpoint)
+                           args.checkpoint, args.curves)
+    # the run is named after the DVC experiment, else after the model and the time
+    name = os.environ.get("DVC_EXP_NAME") or (
+        f"{params.registered_model}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}")
     run_training(params, args.raw, read_json(args.stats), outputs, device, tracker, tags,
                  print_fn=show, on_step=progress.update if progress is not None else None,
-                 world=world)
+                 world=world, run_name=name)
     distributed.stop(world)
 
 

@@ -10,14 +10,17 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 
 from mnist_pipeline.idx import encode_idx, parse_idx
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
+CLI = str(VENV_BIN / "mnist-pipeline")
 # What a copy of the project needs to run its pipeline.
 PROJECT_FILES = ("dvc.yaml", "params.yaml", "stages", "src", ".dvc/config", ".dvcignore",
                  ".gitignore", "pyproject.toml", "mlruns/README.md")
@@ -153,3 +156,47 @@ def load_script(path: Path) -> ModuleType:
     spec.loader.exec_module(module)
     sys.path[:] = saved
     return module
+
+
+# --- The promotion lifecycle on that run, shared by the registry and UI tests ------------
+
+
+def _set_floor(repo: Path, floor: float) -> None:
+    path = repo / "params.yaml"
+    doc = yaml.safe_load(path.read_text())
+    doc["promote"]["min_accuracy"] = floor
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+@pytest.fixture(scope="session")
+def promotions(pipeline, run_info, client):
+    """The promotion lifecycle, step by step: each command's result, in order."""
+    repo, env, _ = pipeline
+    steps: dict[str, Any] = {}
+
+    def cli(name: str, *args: str) -> None:
+        steps[name] = run([CLI, *args], repo, env, check=False)
+
+    steps["v1_report"] = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    _set_floor(repo, 0.999)  # above what one epoch reaches, whatever the recipe
+    cli("below_floor", "promote")
+    cli("models_before", "models", "--json")
+    _set_floor(repo, 0.05)  # lower the floor through params
+    cli("promote_v1", "promote")
+    steps["tags_v1"] = client.get_model_version("mnist-cnn", str(run_info["version"])).tags
+    # a second, worse version (above the floor, below the champion): 2,000 images only
+    steps["second_run"] = run(["dvc", "exp", "run", "-S", "train.train_subset=2000",
+                               "-S", "train.val_size=0", "-S", "train.select_best=false"],
+                              repo, env)
+    cli("worse_refused", "promote")  # default candidate is now the new version
+    cli("force_without_reason", "promote", "--force")
+    cli("forced", "promote", "--force", "--reason", "testing a forced promotion")
+    cli("rollback", "rollback")
+    cli("rollback_again", "rollback")
+    cli("history", "history", "--json")
+    cli("models", "models", "--json")
+    cli("models_table", "models")
+    cli("unknown_version", "promote", "--version", "99")
+    cli("unknown_run", "promote", "--run-id", "0123456789abcdef")
+    cli("unknown_model", "promote", "--name", "no-such-model", "--version", "1")
+    return steps

@@ -45,6 +45,25 @@ def test_default_params_are_the_best_single_recipe():
     assert load_params(ROOT / "params.yaml", "promote").min_accuracy == 0.995
 
 
+def test_runs_are_named_by_the_recipe_their_params_match():
+    """As `mnist-pipeline models` names them: MLflow params are strings."""
+    from mnist_pipeline.params import load_params
+    from mnist_pipeline.recipes import apply_recipe, load_recipes, match_recipe
+
+    recipes = load_recipes(ROOT / "recipes")
+    assert set(recipes) == {p.stem for p in (ROOT / "recipes").glob("*.yaml")}
+    base = load_params(ROOT / "params.yaml", "train")
+
+    def logged(params: TrainParams) -> dict[str, str]:
+        return {k: str(v) for k, v in dataclasses.asdict(params).items()}
+
+    for name, recipe in recipes.items():
+        assert match_recipe(logged(apply_recipe(base, recipe)), recipes) == name
+    assert match_recipe(logged(base), recipes) == "best-single"  # the default
+    assert match_recipe(logged(dataclasses.replace(base, epochs=3)), recipes) == "custom"
+    assert load_recipes(ROOT / "no-such-folder") == {}
+
+
 @pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")),
                          ids=lambda path: path.stem)
 def test_every_recipe_is_valid_and_sets_every_recipe_key(recipe):
@@ -144,8 +163,8 @@ def test_stages_refuse_bad_params_before_any_work(tmp_path, stage, section, key,
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc))
     paths = {"train": ["--raw", "x", "--stats", "x", "--weights", "w", "--metrics", "m",
                        "--history", "h", "--run-info", "r"],
-             "evaluate": ["--raw", "x", "--run-info", "r", "--metrics", "m", "--confusion",
-                          "c", "--misclassified", "p"]}[stage]
+             "evaluate": ["--raw", "x", "--run-info", "r", "--metrics", "m", "--report", "e",
+                          "--confusion", "c", "--misclassified", "p"]}[stage]
     done = subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py"), "--params",
                            str(tmp_path / "params.yaml"), *paths], cwd=tmp_path,
                           capture_output=True, text=True)

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.e2e
 
 def test_stats_of_real_mnist(pipeline):
     repo, _, _ = pipeline
-    stats = json.loads((repo / "metrics" / "stats.json").read_text())
+    stats = json.loads((repo / "data" / "stats.json").read_text())
     assert round(stats["mean"], 4) == 0.1307 and round(stats["std"], 4) == 0.3081
     assert stats["train"]["images"] == 60000 and stats["test"]["images"] == 10000
     assert sum(stats["train"]["per_class"].values()) == 60000
@@ -36,14 +36,18 @@ def test_second_repro_changes_nothing(pipeline):
 def test_metrics_show(pipeline):
     repo, env, _ = pipeline
     shown = run(["dvc", "metrics", "show", "--json"], repo, env).stdout
-    assert "0.1306" in shown
     assert shown.count('"test_accuracy"') == 1  # one test accuracy: the evaluate stage's
+    # what runs are compared by; per-class scores and dataset counts are reports, not metrics
+    assert "per_class" not in shown and "mean" not in shown and "device" not in shown
+    table = run(["dvc", "metrics", "show"], repo, env).stdout
+    assert "test_accuracy" in table and max(len(line) for line in table.splitlines()) < 200
 
 
 def test_exp_run_trains_one_epoch(pipeline):
     repo, _, log = pipeline
     metrics = json.loads((repo / "metrics" / "train.json").read_text())
-    assert metrics["epochs"] == 1 and metrics["device"] == "cpu"
+    assert metrics["epochs"] == 1 and set(metrics) == {
+        "train_loss", "train_accuracy", "epochs", "duration_seconds"}  # numbers to compare
     assert metrics["train_accuracy"] >= 0.9
     assert not any(key.startswith("test_") for key in metrics)  # scored by evaluate only
     history = json.loads((repo / "plots" / "train_history.json").read_text())
@@ -53,7 +57,9 @@ def test_exp_run_trains_one_epoch(pipeline):
 
 def test_evaluate_outputs_agree_with_mlflow(pipeline, client, run_info):
     repo, env, _ = pipeline
-    report = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    report = json.loads((repo / "reports" / "evaluation.json").read_text())
+    headline = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    assert headline == {k: report[k] for k in ("test_accuracy", "test_loss", "macro_f1")}
     assert report["test_accuracy"] >= 0.98
     assert set(report["per_class"]) == {str(d) for d in range(10)}
     assert sum(r["support"] for r in report["per_class"].values()) == 10000
@@ -77,8 +83,11 @@ def test_evaluate_outputs_agree_with_mlflow(pipeline, client, run_info):
     assert float(version.tags["test_accuracy"]) == pytest.approx(report["test_accuracy"])
 
     plots = json.loads(run(["dvc", "plots", "show", "--json"], repo, env).stdout)["data"]
-    assert set(plots) == {"Training loss", "Learning rate", "plots/confusion.json",
-                          "plots/misclassified.png"}
+    assert set(plots) == {"Training loss", "Training accuracy", "Learning rate",
+                          "plots/confusion.json", "plots/confusion.png",
+                          "plots/misclassified.png", "plots/train_curves.png"}
+    for name in ("confusion.png", "misclassified.png", "train_curves.png"):
+        assert (repo / "plots" / name).read_bytes()[:4] == b"\x89PNG"
     diff = run(["dvc", "metrics", "diff", "--json"], repo, env).stdout
     assert "metrics/evaluate.json" in diff
 
@@ -98,6 +107,17 @@ def test_mlflow_run_is_complete(pipeline, client, run_info):
     assert mlrun.data.metrics["train_loss"] == pytest.approx(metrics["train_loss"])
     tags = mlrun.data.tags
     assert len(tags["git_commit"]) == 40 and tags["git_dirty"] in {"true", "false"}
+    # the training data as a dataset input (the UI's Dataset column)
+    (dataset,) = mlrun.inputs.dataset_inputs
+    assert dataset.dataset.name == "mnist-train" and len(dataset.dataset.digest) == 8
+    assert "data/raw" in dataset.dataset.source
+    assert {t.key: t.value for t in dataset.tags}["mlflow.data.context"] == "training"
+    assert json.loads(dataset.dataset.profile)["features_shape"] == [60000, 28, 28]
+    # named after the DVC experiment, described in words (the UI's description field)
+    assert mlrun.info.run_name == tags["DVC_EXP_NAME"]
+    note = tags["mlflow.note.content"]
+    assert note.startswith("**1 epochs** of adam") and tags["git_commit"][:12] in note
+    assert tags["data_md5.train-images-idx3-ubyte"][:8] in note
     assert tags["DVC_EXP_NAME"] and len(tags["DVC_EXP_BASELINE_REV"]) == 40
     assert tags["data_md5.train-images-idx3-ubyte"] == "6bbc9ace898e44ae57da46a324031adb"
     assert tags["device"] == "cpu" and tags["torch_version"].startswith("2.")
@@ -125,7 +145,7 @@ def test_registered_model_predicts_like_the_trained_one(pipeline, run_info, batc
 
     net = MnistCNN()
     net.load_state_dict(torch.load(repo / "models" / "model.pt", weights_only=True))
-    stats = json.loads((repo / "metrics" / "stats.json").read_text())
+    stats = json.loads((repo / "data" / "stats.json").read_text())
     tta = yaml.safe_load((repo / "params.yaml").read_text())["train"]["tta"]
     expected = DeployableModel(net, stats["mean"], stats["std"], tta).eval()(
         torch.from_numpy(pixels))

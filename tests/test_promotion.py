@@ -8,59 +8,16 @@ import json
 import subprocess
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from mnist_pipeline.evaluate_stage import score_test_set
 
-from .conftest import VENV_BIN, free_port, load_real, run, wait_for_http
+from .conftest import CLI, VENV_BIN, free_port, load_real, run, wait_for_http
 
 pytestmark = pytest.mark.e2e
-CLI = str(VENV_BIN / "mnist-pipeline")
-
-
-def _set_floor(repo: Path, floor: float) -> None:
-    path = repo / "params.yaml"
-    doc = yaml.safe_load(path.read_text())
-    doc["promote"]["min_accuracy"] = floor
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-
-
-@pytest.fixture(scope="session")
-def promotions(pipeline, run_info, client):
-    """The promotion lifecycle, step by step: each command's result, in order."""
-    repo, env, _ = pipeline
-    steps: dict[str, Any] = {}
-
-    def cli(name: str, *args: str) -> None:
-        steps[name] = run([CLI, *args], repo, env, check=False)
-
-    steps["v1_report"] = json.loads((repo / "metrics" / "evaluate.json").read_text())
-    _set_floor(repo, 0.999)  # above what one epoch reaches, whatever the recipe
-    cli("below_floor", "promote")
-    cli("models_before", "models", "--json")
-    _set_floor(repo, 0.05)  # lower the floor through params
-    cli("promote_v1", "promote")
-    steps["tags_v1"] = client.get_model_version("mnist-cnn", str(run_info["version"])).tags
-    # a second, worse version (above the floor, below the champion): 2,000 images only
-    steps["second_run"] = run(["dvc", "exp", "run", "-S", "train.train_subset=2000",
-                               "-S", "train.val_size=0", "-S", "train.select_best=false"],
-                              repo, env)
-    cli("worse_refused", "promote")  # default candidate is now the new version
-    cli("force_without_reason", "promote", "--force")
-    cli("forced", "promote", "--force", "--reason", "testing a forced promotion")
-    cli("rollback", "rollback")
-    cli("rollback_again", "rollback")
-    cli("history", "history", "--json")
-    cli("models", "models", "--json")
-    cli("unknown_version", "promote", "--version", "99")
-    cli("unknown_run", "promote", "--run-id", "0123456789abcdef")
-    cli("unknown_model", "promote", "--name", "no-such-model", "--version", "1")
-    return steps
 
 
 def test_promotion_below_the_floor_is_refused(promotions):
@@ -87,7 +44,10 @@ def test_worse_version_is_refused_then_forced_with_a_reason(promotions, run_info
     assert promotions["force_without_reason"].returncode == 1
     assert "--reason" in promotions["force_without_reason"].stderr
     assert promotions["forced"].returncode == 0, promotions["forced"].stderr
-    assert f"was version {run_info['version']}" in promotions["forced"].stdout
+    assert f"replacing version {run_info['version']}" in promotions["forced"].stdout
+    # the default candidate is worse than a registered version: the refusal says which
+    assert (f"Note: version {run_info['version']} has a higher test accuracy"
+            in worse.stderr)
 
 
 def test_rollback_and_history(promotions, client, run_info):
@@ -106,6 +66,23 @@ def test_rollback_and_history(promotions, client, run_info):
               for line in promotions["models"].stdout.splitlines()}
     assert models[v1]["aliases"] == ["champion"] and models[v1 + 1]["aliases"] == []
     assert models[v1 + 1]["test_accuracy"] < models[v1]["test_accuracy"]
+    # each version names its run (the DVC experiment), epochs and recipe
+    for number in (v1, v1 + 1):
+        run_ = client.get_run(models[number]["run_id"])
+        assert models[number]["run_name"] == run_.data.tags["DVC_EXP_NAME"]
+        assert models[number]["epochs"] == run_.data.params["epochs"]
+        assert models[number]["recipe"] == "custom"  # -S overrides match no recipe file
+        assert models[number]["run_name"] in promotions["models_table"].stdout
+    assert "run (DVC experiment)" in promotions["models_table"].stdout
+
+    # the registry's pages tell the story in words, kept current by promote and rollback
+    model = client.get_registered_model("mnist-cnn")
+    assert model.description.startswith(f"@champion: version {v1} (")
+    champion_text = client.get_model_version("mnist-cnn", str(v1)).description
+    other_text = client.get_model_version("mnist-cnn", str(v1 + 1)).description
+    assert champion_text.startswith("Test accuracy ") and "@champion since" in champion_text
+    assert "rollback" in champion_text and "@champion" not in other_text
+    assert f"Trained by run {models[v1 + 1]['run_name']}" in other_text
 
 
 @pytest.mark.parametrize("step, message", [

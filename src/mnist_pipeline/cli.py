@@ -56,12 +56,20 @@ def cmd_promote(args: argparse.Namespace) -> int:
     alias = args.alias or params.alias
     client = _client(args)
     version = _candidate(client, args, args.name)
-    entry = registry.promote(client, args.name, alias, version, params.min_accuracy,
-                             force=args.force, reason=args.reason or "",
-                             provenance=_provenance())
-    before = f" (was version {entry['previous']})" if entry["previous"] else ""
-    print(f"{args.name}@{alias} -> version {entry['version']}{before}: test accuracy "
-          f"{entry['test_accuracy']:.4%}; {entry['reason']}")
+    better = registry.better_versions(client, args.name, version)
+    try:
+        entry = registry.promote(client, args.name, alias, version, params.min_accuracy,
+                                 force=args.force, reason=args.reason or "",
+                                 provenance=_provenance())
+    finally:  # promoted or not, say that a more accurate version exists
+        if better:
+            number, accuracy = better[0]
+            print(f"Note: version {number} has a higher test accuracy ({accuracy:.4%}) than "
+                  f"version {version.version}. To promote it: mnist-pipeline promote "
+                  f"--version {number}", file=sys.stderr)
+    before = f", replacing version {entry['previous']}" if entry["previous"] else ""
+    print(f"{args.name}@{alias} is now version {entry['version']}{before}. Test accuracy "
+          f"{entry['test_accuracy']:.4%}. Reason: {entry['reason']}.")
     return 0
 
 
@@ -97,14 +105,20 @@ def _percent(accuracy: float | None) -> str:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    rows = registry.list_versions(_client(args), args.name)
+    from .recipes import load_recipes, match_recipe
+
+    recipes = load_recipes(args.recipes)
+    rows = registry.list_versions(_client(args), args.name,
+                                  lambda params: match_recipe(params, recipes))
     if args.json:
         return _json_lines(rows)
-    print(f"{'version':>7}  {'aliases':<16} {'test acc':>9}  {'created':<25} run")
+    print(f"{'version':>7}  {'aliases':<10} {'test acc':>8}  {'epochs':>6}  {'recipe':<12} "
+          f"{'created (UTC)':<16}  run (DVC experiment)")
     for r in rows:
-        acc = f"{r['test_accuracy']:.4%}" if r["test_accuracy"] is not None else "-"
-        print(f"{r['version']:>7}  {','.join(r['aliases']) or '-':<16} {acc:>9}  "
-              f"{r['created']:<25} {r['run_id']}")
+        acc = f"{r['test_accuracy']:.2%}" if r["test_accuracy"] is not None else "-"
+        print(f"{r['version']:>7}  {','.join(r['aliases']) or '-':<10} {acc:>8}  "
+              f"{r['epochs'] or '-':>6}  {r['recipe'] or '-':<12} "
+              f"{r['created'][:16].replace('T', ' '):<16}  {r['run_name'] or r['run_id']}")
     return 0
 
 
@@ -182,6 +196,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p = add("models", cmd_models, "List the versions with their aliases, accuracy and run.")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--recipes", type=Path, default=Path("recipes"),
+                   help="the recipes to name each version's params by")
 
     p = add("ensemble", cmd_ensemble,
             "Register the ensemble (averaged probabilities) of several versions as one model.")

@@ -18,7 +18,7 @@ from PIL import Image
 
 from .data import load_split
 from .inference import predict_proba, to_pixels
-from .io import atomic_path, write_json
+from .io import atomic_path, save_figure, write_json
 from .metrics import (
     confusion_figure,
     confusion_matrix,
@@ -28,7 +28,7 @@ from .metrics import (
     summary,
 )
 from .params import EvaluateParams
-from .registry import load_pyfunc, tag_version
+from .registry import describe, load_pyfunc, tag_version
 from .tracking import MlflowTracker
 
 
@@ -70,6 +70,7 @@ def evaluate_version(
                        "evaluation/confusion_matrix.png")
     tracker.log_image(grid, "evaluation/misclassified.png")
     tag_version(tracker.client(), name, version, {**headline, "evaluated_run": tracker.run_id})
+    describe(tracker.client(), name, [version])  # what the registry's pages show
     return result, grid
 
 
@@ -77,9 +78,11 @@ def evaluate_version(
 class EvaluateOutputs:
     """Where the evaluate stage writes (wired in dvc.yaml)."""
 
-    metrics: Path
-    confusion: Path
+    metrics: Path  # the headline numbers that runs are compared by (a DVC metric)
+    report: Path  # those and the per-class scores
+    confusion: Path  # one {actual, predicted} record per image (DVC's confusion template)
     misclassified: Path
+    confusion_png: Path | None = None  # the matrix with counts, as in MLflow
 
 
 def run_evaluation(
@@ -91,8 +94,12 @@ def run_evaluation(
     result, grid = evaluate_version(tracker, run_info["registered_model"],
                                     run_info["version"], raw_dir, params.batch_size,
                                     params.misclassified_max)
-    write_json(outputs.metrics, result.report)
+    write_json(outputs.metrics, summary(result.report))
+    write_json(outputs.report, result.report)
     write_json(outputs.confusion, confusion_records(result.labels, result.predicted))
     with atomic_path(outputs.misclassified) as tmp:
         grid.save(tmp, format="PNG")
+    if outputs.confusion_png is not None:
+        save_figure(confusion_figure(confusion_matrix(result.labels, result.predicted)),
+                    outputs.confusion_png)
     return result.report

@@ -72,3 +72,12 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_figure(figure: Any, target: str | Path) -> None:
+    """A matplotlib figure as a PNG, written atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(target) as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
+    plt.close(figure)

@@ -66,25 +66,57 @@ def misclassified_grid(
     images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray, max_images: int = 100,
     columns: int = 10, scale: int = 3,
 ) -> Image.Image:
-    """A grid of the misclassified digits (most confident mistakes first), each captioned
-    'true -> predicted (probability)'."""
+    """A grid of the misclassified digits (most confident mistakes first) under a title that
+    says what it shows, each captioned 'true->predicted  probability'."""
     predicted = probabilities.argmax(1)
-    wrong = np.flatnonzero(predicted != labels)
-    wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]], kind="stable")][:max_images]
-    cell, caption = 28 * scale, 14
+    everything = np.flatnonzero(predicted != labels)
+    wrong = everything[np.argsort(-probabilities[everything, predicted[everything]],
+                                  kind="stable")][:max_images]
+    cell, caption, header = 28 * scale, 14, 32
     rows = max(1, -(-len(wrong) // columns))
-    grid = Image.new("L", (columns * cell, rows * (cell + caption)), color=255)
+    grid = Image.new("L", (columns * cell, header + rows * (cell + caption)), color=255)
     draw = ImageDraw.Draw(grid)
     font = ImageFont.load_default()
+    draw.text((4, 2), f"Misclassified test digits: {len(wrong)} of {len(everything)} shown, "
+                      "most confident first", fill=0, font=font)
+    draw.text((4, 16), "caption: true->predicted  model's probability of the prediction",
+              fill=96, font=font)
     for n, i in enumerate(wrong):
-        x, y = (n % columns) * cell, (n // columns) * (cell + caption)
+        x, y = (n % columns) * cell, header + (n // columns) * (cell + caption)
         digit = Image.fromarray(255 - images[i]).resize((cell, cell), Image.NEAREST)
         grid.paste(digit, (x, y))
         text = f"{labels[i]}->{predicted[i]}  {probabilities[i, predicted[i]]:.0%}"
         draw.text((x + 2, y + cell + 1), text, fill=0, font=font)
     if not len(wrong):
-        draw.text((4, 4), "no misclassified digits", fill=0, font=font)
+        draw.text((4, header + 4), "no misclassified digits", fill=0, font=font)
     return grid
+
+
+def training_curves_figure(history: list[dict[str, float]]) -> Any:
+    """Loss, accuracy and learning rate per epoch (integer epochs), one panel each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [row["epoch"] for row in history]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    panels = (("loss", ("train_loss", "val_loss")),
+              ("accuracy", ("train_accuracy", "val_accuracy")), ("learning rate", ("lr",)))
+    for ax, (title, keys) in zip(axes, panels, strict=True):
+        for key in keys:
+            if key in history[0]:
+                ax.plot(epochs, [row[key] for row in history], marker="o", label=key)
+        ax.set(title=title, xlabel="epoch")
+        if len(epochs) <= 20:  # every epoch a tick; never fractional epochs
+            ax.set_xticks(epochs)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def confusion_figure(matrix: np.ndarray) -> Any:
@@ -95,10 +127,11 @@ def confusion_figure(matrix: np.ndarray) -> Any:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 5.5))
-    ax.imshow(np.log1p(matrix), cmap="Blues")
+    shade = np.log1p(matrix)  # on a log scale, so that a few errors still show
+    ax.imshow(shade, cmap="Blues")
     for (t, p), count in np.ndenumerate(matrix):
         ax.text(p, t, str(count), ha="center", va="center", fontsize=7,
-                color="white" if t == p else "black")
+                color="white" if shade[t, p] > 0.6 * shade.max() else "black")
     ax.set(xlabel="predicted", ylabel="actual", xticks=range(len(matrix)),
            yticks=range(len(matrix)), title="Confusion matrix (test set)")
     fig.tight_layout()

@@ -37,6 +37,21 @@ def apply_recipe(params: Any, overrides: dict[str, Any], section: str = "train")
     return parse_section(section, merged, type(params))
 
 
+def load_recipes(folder: str | Path) -> dict[str, dict[str, Any]]:
+    """Every recipe in `folder` by name (the file's stem); none if the folder is missing."""
+    folder = Path(folder)
+    return {path.stem: load_recipe(path) for path in sorted(folder.glob("*.yaml"))
+            } if folder.is_dir() else {}
+
+
+def match_recipe(params: dict[str, str], recipes: dict[str, dict[str, Any]]) -> str:
+    """The name of the recipe whose train overrides all equal `params` (an MLflow run's
+    params, as strings), the most specific one if several do; else 'custom'."""
+    fits = [(len(r.get("train", {})), name) for name, r in recipes.items()
+            if all(params.get(k) == str(v) for k, v in r.get("train", {}).items())]
+    return max(fits)[1] if fits else "custom"
+
+
 def set_flags(recipe: dict[str, Any]) -> list[str]:
     """`dvc exp run` flags that apply the recipe: -S section.key=value ..."""
     flags = []

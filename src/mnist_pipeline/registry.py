@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,7 +25,6 @@ if TYPE_CHECKING:  # torch is imported where it is used: `mnist-pipeline models`
     from .model import DeployableModel
 
 INPUT_SHAPE = (-1, 1, 28, 28)
-MODEL_NAME_IN_RUN = "model"
 WEIGHTS_FILE = "model.pt"  # the train stage's weights, logged under weights/
 
 
@@ -86,7 +86,7 @@ def log_and_register(
         warnings.filterwarnings("ignore", message="No complete tensor found in the group")
         info = mlflow.pytorch.log_model(
             model,
-            name=MODEL_NAME_IN_RUN,
+            name=registered_model,  # the logged model's name: the registered one's
             serialization_format="pt2",
             signature=signature(),
             input_example=example.astype(np.float32),
@@ -227,12 +227,24 @@ def _record(client: Any, name: str, entry: dict[str, Any]) -> None:
 def gate(candidate: float, floor: float, current: float | None) -> str | None:
     """Why a candidate of accuracy `candidate` may not be promoted, or None if it may."""
     if candidate < floor:
-        return (f"its test accuracy {candidate:.4%} is below the floor {floor:.4%} "
-                "(promote.min_accuracy in params.yaml)")
+        return (f"its test accuracy {candidate:.4%} is below the floor {floor:.4%} that "
+                "promote.min_accuracy sets in params.yaml")
     if current is not None and candidate < current:
         return (f"its test accuracy {candidate:.4%} is below the current champion's "
                 f"{current:.4%}")
     return None
+
+
+def better_versions(client: Any, name: str, version: Any) -> list[tuple[int, float]]:
+    """(version, accuracy) of the evaluated versions of `name` more accurate than `version`,
+    best first."""
+    mine = accuracy_or_none(client, version)
+    found = []
+    for v in client.search_model_versions(f"name='{name}'"):
+        accuracy = accuracy_or_none(client, v)
+        if accuracy is not None and (mine is None or accuracy > mine):
+            found.append((int(v.version), accuracy))
+    return sorted(found, key=lambda pair: (-pair[1], pair[0]))
 
 
 def move_alias(
@@ -251,6 +263,8 @@ def move_alias(
         if key not in {"alias", "version"}:
             client.set_model_version_tag(name, version.version, f"{alias}.{key}", str(value))
     _record(client, name, entry)
+    describe(client, name, [version.version]
+             + ([previous.version] if previous is not None else []))
     return entry
 
 
@@ -267,7 +281,7 @@ def promote(
         raise RegistryError(f"version {version.version} is already {name}@{alias}")
     refusal = gate(accuracy, floor, accuracy_of(client, current) if current else None)
     if refusal and not force:
-        raise RegistryError(f"refused to promote {name} version {version.version} to "
+        raise RegistryError(f"version {version.version} of {name} was not promoted to "
                             f"@{alias}: {refusal}. Nothing was changed.")
     why = reason or "passed the gate"
     if refusal:
@@ -296,8 +310,11 @@ def rollback(client: Any, name: str, alias: str, provenance: dict[str, str] | No
                       provenance=provenance or {})
 
 
-def list_versions(client: Any, name: str) -> list[dict[str, Any]]:
-    """Each version of `name`, newest first, with its aliases, accuracy and run."""
+def list_versions(client: Any, name: str,
+                  recipe_of: Callable[[dict[str, str]], str] | None = None
+                  ) -> list[dict[str, Any]]:
+    """Each version of `name`, newest first, with its aliases, accuracy, run (its name: the
+    DVC experiment's), epochs and `recipe_of` its run's params."""
     rows = []
     # search results carry no aliases: take them from the registered model
     aliases: dict[str, list[str]] = {}
@@ -305,8 +322,72 @@ def list_versions(client: Any, name: str) -> list[dict[str, Any]]:
         aliases.setdefault(str(version), []).append(alias)
     for v in sorted(client.search_model_versions(f"name='{name}'"),
                     key=lambda v: -int(v.version)):
+        try:
+            run = client.get_run(v.run_id)
+            run_name, params = run.info.run_name, run.data.params
+        except Exception:  # the run was deleted: the version is still listed
+            run_name, params = None, {}
         rows.append({"version": int(v.version), "aliases": sorted(aliases.get(str(v.version), [])),
                      "test_accuracy": accuracy_or_none(client, v), "run_id": v.run_id,
+                     "run_name": run_name, "epochs": params.get("epochs"),
+                     "recipe": recipe_of(params) if params and recipe_of else None,
                      "created": datetime.fromtimestamp(v.creation_timestamp / 1000,
                                                        timezone.utc).isoformat(timespec="seconds")})
     return rows
+
+
+# --- Descriptions: what the MLflow UI shows on the model and version pages -------------------
+
+
+def describe_version(client: Any, version: Any) -> str:
+    """A version's description: its test scores, the run that trained it and its recipe,
+    and its aliases with why they point at it (from the version's tags and run)."""
+    tags = version.tags
+    lines = []
+    if "test_accuracy" in tags:
+        lines.append(f"Test accuracy {float(tags['test_accuracy']):.2%} (loss "
+                     f"{float(tags['test_loss']):.4f}, macro F1 {float(tags['macro_f1']):.4f}).")
+    else:
+        lines.append("Not evaluated yet: the evaluate stage scores it.")
+    try:
+        run = client.get_run(version.run_id)
+        note = run.data.tags.get("mlflow.note.content", "").splitlines()
+        lines.append(f"Trained by run {run.info.run_name} ({version.run_id[:8]})"
+                     + (f": {note[0]}" if note else "."))
+    except Exception:  # a run deleted from the store: the version still describes itself
+        lines.append(f"Trained by run {version.run_id}.")
+    for alias in sorted(getattr(version, "aliases", None) or []):
+        if f"{alias}.time" in tags:
+            lines.append(f"@{alias} since {tags[f'{alias}.time']}: {tags[f'{alias}.reason']}.")
+    return "\n\n".join(lines)
+
+
+def describe_model(client: Any, name: str) -> str:
+    """The registered model's description: where each alias points, and how to see more."""
+    model = _registered(client, name)
+    lines = []
+    for alias, number in sorted(model.aliases.items()):
+        version = client.get_model_version(name, str(number))
+        accuracy = accuracy_or_none(client, version)
+        lines.append(f"@{alias}: version {number} ({_pct(accuracy)} test accuracy), since "
+                     f"{version.tags.get(f'{alias}.time', '?')}: "
+                     f"{version.tags.get(f'{alias}.reason', '?')}.")
+    if not lines:
+        lines.append("No version is promoted yet: `mnist-pipeline promote`.")
+    lines.append("Each version's description gives its scores, run and recipe. "
+                 "`mnist-pipeline models` lists the versions; `mnist-pipeline history` every "
+                 "alias move (also kept in this model's promotion.* tags).")
+    return "\n\n".join(lines)
+
+
+def _pct(accuracy: float | None) -> str:
+    return f"{accuracy:.2%}" if accuracy is not None else "no"
+
+
+def describe(client: Any, name: str, versions: list[Any]) -> None:
+    """Rewrite the descriptions of `name` and of the given version numbers."""
+    for number in versions:
+        version = client.get_model_version(name, str(number))
+        client.update_model_version(name, str(number), description=describe_version(client,
+                                                                                     version))
+    client.update_registered_model(name, description=describe_model(client, name))

@@ -109,6 +109,10 @@ class NullTracker:
     def logged_steps(self, key: str) -> set[int]:
         return set()
 
+    def log_dataset(self, features: Any, targets: Any, name: str, source: str, digest: str,
+                    context: str = "training") -> None:
+        pass
+
 
 class MlflowTracker(NullTracker):
     """Tracks one run at a time in the MLflow store at `uri`, under `experiment`."""
@@ -290,3 +294,17 @@ class MlflowTracker(NullTracker):
     def logged_steps(self, key: str) -> set[int]:
         """The steps at which metric `key` was logged to the current run."""
         return {m.step for m in self.client().get_metric_history(self.run_id, key)}
+
+    def log_dataset(self, features: Any, targets: Any, name: str, source: str, digest: str,
+                    context: str = "training") -> None:
+        """The arrays a run trained on as an MLflow dataset input (schema, profile, source
+        and `digest`), to the current run."""
+        import warnings
+
+        import mlflow
+
+        with warnings.catch_warnings():  # MLflow registers its local source type twice
+            warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways")
+            dataset = mlflow.data.from_numpy(features, source=source, targets=targets,
+                                             name=name, digest=digest)
+        mlflow.log_input(dataset, context=context)

@@ -21,8 +21,9 @@ from .data import SPLITS, load_split
 from .distributed import SINGLE, World, plain_batchnorm
 from .errors import PipelineError
 from .fused import status as fused_status
-from .io import write_json
+from .io import save_figure, write_json
 from .loop import TrainState, build_state, final_model, fit, to_tensor
+from .metrics import training_curves_figure
 from .model import MnistCNN
 from .params import TrainParams, to_dict
 from .registry import deployable, log_and_register
@@ -43,6 +44,7 @@ class TrainOutputs:
     history: Path
     run_info: Path
     checkpoint: Path | None = None  # resumable state after each epoch (None: no resume)
+    curves: Path | None = None  # PNG of loss, accuracy and learning rate per epoch
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,9 @@ class TrainData:
     std: float
     md5s: dict[str, str]  # of the four IDX files
     example: np.ndarray  # two training images as raw pixels: the logged model's input example
+    images: np.ndarray  # the training images (uint8) and labels as read: the run's dataset
+    labels: np.ndarray
+    source: str  # where they were read from
 
     def fingerprint(self, params: TrainParams, world_size: int = 1) -> str:
         """What a checkpoint must match to be resumed: params, normalisation, data and the
@@ -88,7 +93,8 @@ def prepare_data(params: TrainParams, raw_dir: Path, stats: Mapping[str, Any],
                       torch.from_numpy(lab).to(device)) for name, (im, lab) in parts.items()}
     md5s = file_md5s([raw_dir / name for split in SPLITS.values() for name in split])
     example = (images[:2, None] / 255.0).astype(np.float32)
-    return TrainData(tensors["train"], tensors.get("val"), mean, std, md5s, example)
+    return TrainData(tensors["train"], tensors.get("val"), mean, std, md5s, example,
+                     *parts["train"], str(raw_dir.resolve()))
 
 
 def resume_point(path: Path | None, fingerprint: str, print_fn: Callable[[str], None]
@@ -128,6 +134,30 @@ def run_tags(params: TrainParams, data: TrainData, device: torch.device, determi
         "fused_kernels": fused_status(params, device),
         **(extra or {}),
     }
+
+
+def describe_run(params: TrainParams, data: TrainData, tags: Mapping[str, str]) -> str:
+    """The run's description in the MLflow UI (markdown): the recipe's key params, the data
+    and the code it was trained from."""
+    schedule = {"plateau": "ReduceLROnPlateau", "onecycle": "OneCycle", "cosine": "cosine",
+                "none": "constant"}[params.scheduler]
+    extras = [name for name, on in (("augmentation", params.augment),
+                                    (f"EMA {params.ema_decay}", params.ema_decay > 0),
+                                    (f"label smoothing {params.label_smoothing}",
+                                     params.label_smoothing > 0),
+                                    ("test-time shifts", params.tta)) if on]
+    commit = tags.get("git_commit", "unknown")[:12] + (
+        " (uncommitted changes)" if tags.get("git_dirty") == "true" else "")
+    images = params.train_subset or 60000
+    return "\n".join([
+        f"**{params.epochs} epochs** of {params.optimizer} (lr {params.lr:g}, {schedule}), "
+        f"batch {params.batch_size}, seed {params.seed}, {params.nproc} process(es)",
+        f"- beyond the reference: {', '.join(extras) or 'nothing (the reference recipe)'}",
+        f"- data: {images} training images ({params.val_size} held out), IDX MD5 "
+        + ", ".join(f"{k.split('-')[0]} {k.split('-')[1]} {v[:8]}"
+                    for k, v in sorted(data.md5s.items())),
+        f"- code: git {commit}",
+    ])
 
 
 def train(
@@ -194,7 +224,7 @@ def register(net: torch.nn.Module, params: TrainParams, data: TrainData,
 def publish(
     state: TrainState, params: TrainParams, data: TrainData, tracker: NullTracker,
     outputs: TrainOutputs, history: list[dict[str, float]], duration: float,
-    device: torch.device, print_fn: Callable[[str], None],
+    print_fn: Callable[[str], None],
 ) -> dict[str, Any]:
     """Write the weights, history and metrics; log and register the model (when tracked)."""
     net = plain_batchnorm(final_model(state), MnistCNN)
@@ -203,10 +233,12 @@ def publish(
     metrics = {
         **{k: last[k] for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
            if k in last},
-        "epochs": state.epoch, "duration_seconds": round(duration, 3), "device": device.type,
+        "epochs": state.epoch, "duration_seconds": round(duration, 3),
     }
     write_json(outputs.history, [{"epoch": row["epoch"], **epoch_metrics(row)}
                                  for row in history])
+    if outputs.curves is not None:
+        save_figure(training_curves_figure(history), outputs.curves)
     run_info: dict[str, Any] = {"run_id": tracker.run_id}
     if tracker.run_id is not None:
         run_info.update(register(net, params, data, tracker, outputs.weights))
@@ -221,10 +253,12 @@ def run_training(
     device: torch.device, tracker: NullTracker | None = None,
     tags: Mapping[str, str] | None = None, print_fn: Callable[[str], None] = print,
     on_step: Callable[[], None] | None = None, world: World = SINGLE,
+    run_name: str | None = None,
 ) -> dict[str, Any]:
     """Train (resuming from the checkpoint when there is a matching one), save weights and
-    metrics, log and register the model. With several ranks every rank calls it; rank 0
-    returns the result, the others an empty dict."""
+    metrics, log and register the model in a run named `run_name` (a resumed run keeps its
+    name). With several ranks every rank calls it; rank 0 returns the result, the others an
+    empty dict."""
     if not world.is_main:
         tracker, print_fn = NullTracker(), _quiet
     tracker = tracker or NullTracker()
@@ -240,16 +274,22 @@ def run_training(
         print_fn(f"Resuming after epoch {state.epoch} (MLflow run {resume['run_id']})")
     started = time.perf_counter()
     result: dict[str, Any] = {}
-    with tracker.run(run_id=resume["run_id"] if resume else None):
-        tracker.set_tags(all_tags)
+    with tracker.run(run_name=None if resume else run_name,
+                     run_id=resume["run_id"] if resume else None):
+        tracker.set_tags({**all_tags,
+                          "mlflow.note.content": describe_run(params, data, all_tags)})
         if resume is None:
             tracker.log_params({**to_dict(params), "stats.mean": data.mean,
                                 "stats.std": data.std})
+            tracker.log_dataset(data.images, data.labels, "mnist-train", data.source,
+                                digest=params_hash({"data": data.md5s, **{
+                                    k: getattr(params, k)
+                                    for k in ("train_subset", "val_size", "seed")}})[:8])
         history = train(state, params, data, tracker, outputs, fingerprint, print_fn, on_step,
                         world)
         if world.is_main:
             result = publish(state, params, data, tracker, outputs, history,
-                             time.perf_counter() - started, device, print_fn)
+                             time.perf_counter() - started, print_fn)
             if outputs.checkpoint is not None:
                 save_checkpoint(outputs.checkpoint, state, tracker.run_id, fingerprint,
                                 complete=True)
