@@ -213,7 +213,8 @@ def test_two_processes_make_one_run_one_version(ddp_pipeline):
     assert run_.data.tags["cpu_threads"] == "1"  # 2 ranks x 1 thread on 2 cores
     assert run_.data.params["nproc"] == "2"
     for key in ("train_loss", "train_accuracy", "lr", "epoch_seconds"):
-        assert sorted(m.step for m in client.get_metric_history(info["run_id"], key)) == [1, 2]
+        history = client.get_metric_history(info["run_id"], f"epoch/{key}")
+        assert sorted(m.step for m in history) == [1, 2]
     runs = client.search_runs([run_.info.experiment_id])
     assert len(runs) == 2  # world size 1, then 2: one run each, none per rank
     versions = client.search_model_versions(f"run_id = '{info['run_id']}'")
@@ -280,11 +281,11 @@ def test_killed_rank_then_repro_resumes_to_the_same_weights(ddp_pipeline):
     assert info["run_id"] == stopped["run_id"] != straight_run  # the killed run, continued
     client = _client(repo)
     assert client.get_run(info["run_id"]).info.status == "FINISHED"
-    resumed_loss = client.get_metric_history(info["run_id"], "train_loss")
+    resumed_loss = client.get_metric_history(info["run_id"], "epoch/train_loss")
     assert sorted(m.step for m in resumed_loss) == [1, 2]
     assert (sorted((m.step, m.value) for m in resumed_loss)
             == sorted((m.step, m.value) for m in client.get_metric_history(straight_run,
-                                                                            "train_loss")))
+                                                                            "epoch/train_loss")))
 
 
 @pytest.mark.e2e

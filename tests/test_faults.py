@@ -70,7 +70,7 @@ def test_server_lost_mid_run_then_back(inputs, tmp_path):  # noqa: F811
         assert "Epoch:" not in again.stdout.replace("Resuming after epoch", "")  # no training
         client = MlflowClient(uri)
         assert client.get_run(run_id).info.status == "FINISHED"
-        for key in ("train_loss", "lr"):
+        for key in ("epoch/train_loss", "epoch/lr"):
             assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3]
         info = json.loads((out / "run.json").read_text())
         assert info["run_id"] == run_id

@@ -100,11 +100,11 @@ def test_mlflow_run_is_complete(pipeline, client, run_info):
     assert mlrun.data.params["epochs"] == "1"
     assert float(mlrun.data.params["lr"]) == defaults["lr"]
     assert float(mlrun.data.params["stats.mean"]) == pytest.approx(0.1307, abs=1e-4)
-    for key in ("train_loss", "lr", "epoch_seconds", "train_accuracy"):
-        points = client.get_metric_history(run_info["run_id"], key)
+    for key in ("train_loss", "lr", "epoch_seconds", "train_accuracy"):  # the "epoch" section
+        points = client.get_metric_history(run_info["run_id"], f"epoch/{key}")
         assert [p.step for p in points] == [1], key
     metrics = json.loads((repo / "metrics" / "train.json").read_text())
-    assert mlrun.data.metrics["train_loss"] == pytest.approx(metrics["train_loss"])
+    assert mlrun.data.metrics["epoch/train_loss"] == pytest.approx(metrics["train_loss"])
     tags = mlrun.data.tags
     assert len(tags["git_commit"]) == 40 and tags["git_dirty"] in {"true", "false"}
     # the training data as a dataset input (the UI's Dataset column)

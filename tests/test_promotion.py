@@ -166,7 +166,7 @@ def test_mlflow_server_answers_rest_queries(pipeline, promotions, run_info):
         base = f"http://127.0.0.1:{port}"
         wait_for_http(f"{base}/health", server)
         history = _get(f"{base}/api/2.0/mlflow/metrics/get-history?"
-                       f"run_id={run_info['run_id']}&metric_key=train_loss")
+                       f"run_id={run_info['run_id']}&metric_key=epoch%2Ftrain_loss")
         assert [m["step"] for m in history["metrics"]] == [1]
         alias = _get(f"{base}/api/2.0/mlflow/registered-models/alias?"
                      "name=mnist-cnn&alias=champion")

@@ -89,7 +89,7 @@ def test_killed_run_resumes_to_the_same_result(inputs, tmp_path):
     assert info["run_id"] == run_id  # the same MLflow run, continued
     client = MlflowClient(f"sqlite:///{killed / 'mlruns' / 'mlflow.db'}")
     assert client.get_run(run_id).info.status == "FINISHED"
-    steps = [m.step for m in client.get_metric_history(run_id, "train_loss")]
+    steps = [m.step for m in client.get_metric_history(run_id, "epoch/train_loss")]
     assert sorted(steps) == [1, 2, 3]
     assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
 

@@ -109,9 +109,19 @@ def resume_point(path: Path | None, fingerprint: str, print_fn: Callable[[str], 
     return payload
 
 
+# In MLflow the per-epoch curves form the section "epoch" (a key prefix): a run's page shows
+# that section first, before the single values (test scores), each chart titled train_loss, lr...
+CURVES = "epoch/"
+
+
 def epoch_metrics(row: Mapping[str, float]) -> dict[str, float]:
     """The per-epoch values that are logged and plotted (not last_batch_loss)."""
     return {k: row[k] for k in EPOCH_METRICS if k in row}
+
+
+def curves(row: Mapping[str, float]) -> dict[str, float]:
+    """`epoch_metrics` as MLflow keys: epoch/train_loss, epoch/lr, ..."""
+    return {CURVES + k: v for k, v in epoch_metrics(row).items()}
 
 
 def epoch_line(epoch: int, metrics: Mapping[str, float]) -> str:
@@ -167,10 +177,10 @@ def train(
 ) -> list[dict[str, float]]:
     """Run the epochs left, checkpointing and logging after each; return the whole history.
     Every rank calls it; only rank 0's tracker and print_fn do anything."""
-    logged = tracker.logged_steps("train_loss")
+    logged = tracker.logged_steps(CURVES + "train_loss")
     for row in state.history:  # epochs finished before a kill but never logged
         if row["epoch"] not in logged:
-            tracker.log_metrics(epoch_metrics(row), step=row["epoch"])
+            tracker.log_metrics(curves(row), step=row["epoch"])
 
     def checkpoint() -> None:
         generators = None
@@ -183,7 +193,7 @@ def train(
     def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
         checkpoint()  # first: a kill after this line loses nothing
         print_fn(epoch_line(epoch, metrics))
-        tracker.log_metrics(epoch_metrics(metrics), step=epoch)
+        tracker.log_metrics(curves(metrics), step=epoch)
 
     checkpoint()  # records the run id before the first epoch
     history = fit(state, params, *data.train, on_epoch_end, on_step, data.val, world)
