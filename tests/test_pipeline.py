@@ -116,7 +116,7 @@ def test_mlflow_run_is_complete(pipeline, client, run_info):
     # named after the DVC experiment, described in words (the UI's description field)
     assert mlrun.info.run_name == tags["DVC_EXP_NAME"]
     note = tags["mlflow.note.content"]
-    assert note.startswith("**1 epochs** of adam") and tags["git_commit"][:12] in note
+    assert note.startswith("**1 epoch** of adam") and tags["git_commit"][:12] in note
     assert tags["data_md5.train-images-idx3-ubyte"][:8] in note
     assert tags["DVC_EXP_NAME"] and len(tags["DVC_EXP_BASELINE_REV"]) == 40
     assert tags["data_md5.train-images-idx3-ubyte"] == "6bbc9ace898e44ae57da46a324031adb"

@@ -101,7 +101,7 @@ def test_runs_models_and_descriptions_in_the_mlflow_ui(browser, mlflow_ui, promo
 
     # the run: its description, its dataset and its per-epoch curves
     overview = _show(browser, f"{mlflow_ui}/#/experiments/{experiment}/runs/{run_info['run_id']}",
-                     "epochs of", tmp_path / "run.png")
+                     "process(es)", tmp_path / "run.png")
     assert "mnist-train" in overview
     # the per-epoch curves first (the "epoch" section), in view without scrolling
     charts = _show(browser, f"{mlflow_ui}/#/experiments/{experiment}/runs/"

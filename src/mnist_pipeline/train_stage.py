@@ -160,7 +160,8 @@ def describe_run(params: TrainParams, data: TrainData, tags: Mapping[str, str]) 
         " (uncommitted changes)" if tags.get("git_dirty") == "true" else "")
     images = params.train_subset or 60000
     return "\n".join([
-        f"**{params.epochs} epochs** of {params.optimizer} (lr {params.lr:g}, {schedule}), "
+        f"**{params.epochs} epoch{'s' if params.epochs != 1 else ''}** of {params.optimizer} "
+        f"(lr {params.lr:g}, {schedule}), "
         f"batch {params.batch_size}, seed {params.seed}, {params.nproc} process(es)",
         f"- beyond the reference: {', '.join(extras) or 'nothing (the reference recipe)'}",
         f"- data: {images} training images ({params.val_size} held out), IDX MD5 "
