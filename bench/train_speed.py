@@ -266,8 +266,9 @@ def child_main(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     world = distributed.SINGLE
     if distributed.launched_by_torchrun(os.environ):  # one rank of a data-parallel row
-        world, device, _ = distributed.join(os.environ, device, "auto", 100, False,
-                                            args.threads)
+        params = variant_params(args.child.removeprefix("recipe:"))
+        world, device, _ = distributed.join(os.environ, device, "auto", params.batch_size,
+                                            params.compile, args.threads)
     elif args.threads:
         torch.set_num_threads(args.threads)
     if args.child == "reference":
@@ -289,11 +290,12 @@ def run_child(args: argparse.Namespace, row: str) -> dict[str, Any]:
            "--warmup", str(args.warmup), "--threads", str(args.threads),
            "--recipe-epochs", str(args.recipe_epochs), "--raw", str(args.raw),
            "--stats", str(args.stats)]
-    nproc = 1 if row == "reference" else variant_params(row.removeprefix("recipe:")).nproc
-    if nproc > 1:
+    params = None if row == "reference" else variant_params(row.removeprefix("recipe:"))
+    if params is not None and params.nproc > 1:
         # torchrun's own --standalone launch; threads split as the train stage splits them
-        cmd, env = distributed.plan_torchrun(nproc, torch.device(args.device), "auto", 100,
-                                             False, args.threads, os.environ, cmd)
+        cmd, env = distributed.plan_torchrun(params.nproc, torch.device(args.device), "auto",
+                                             params.batch_size, params.compile, args.threads,
+                                             os.environ, cmd)
     else:
         cmd, env = [sys.executable, *cmd], None
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False, env=env)

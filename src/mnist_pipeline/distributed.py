@@ -116,6 +116,13 @@ def check_world(batch_size: int, compile_step: bool, world_size: int, local_size
                             f"but it has {gpu_count} CUDA GPU(s): one GPU per process")
 
 
+def _check_here(batch_size: int, compile_step: bool, world_size: int, local_size: int,
+                device: torch.device) -> None:
+    """`check_world` against this machine's GPUs."""
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    check_world(batch_size, compile_step, world_size, local_size, device, gpus)
+
+
 def shard(order: torch.Tensor, step: int, batch_size: int, world: World) -> torch.Tensor:
     """This rank's slice of global batch `step` of the permutation `order`: the images seen
     per step are the same for any world size."""
@@ -206,8 +213,7 @@ def plan_torchrun(nproc: int, device: torch.device, backend: str, batch_size: in
     machine, once the checks that can be made before the launch pass. $MNIST_TORCHRUN_ARGS
     holds torchrun's own options (default --standalone)."""
     choose_backend(backend, device)
-    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-    check_world(batch_size, compile_step, nproc, nproc, device, gpus)
+    _check_here(batch_size, compile_step, nproc, nproc, device)
     command = torchrun_command(nproc, env.get("MNIST_TORCHRUN_ARGS", ""), argv)
     # each rank's thread count from its start (join sets it again, as the rank decides)
     count, _ = threads_per_rank(threads, nproc, available_cores())
@@ -222,8 +228,7 @@ def join(env: Mapping[str, str], device: torch.device, backend: str, batch_size:
     if device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
     backend = choose_backend(backend, device)
-    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-    check_world(batch_size, compile_step, world.size, world.local_size, device, gpus)
+    _check_here(batch_size, compile_step, world.size, world.local_size, device)
     count, note = threads_per_rank(threads, world.local_size, available_cores())
     torch.set_num_threads(count)
     return start(world, backend, device), device, note

@@ -18,11 +18,12 @@ from PIL import Image
 
 from .data import load_split
 from .inference import predict_proba, to_pixels
-from .io import atomic_path, save_figure, write_json
+from .io import save_png, write_json
 from .metrics import (
     confusion_figure,
     confusion_matrix,
     confusion_records,
+    figure_image,
     misclassified_grid,
     scores,
     summary,
@@ -30,6 +31,14 @@ from .metrics import (
 from .params import EvaluateParams
 from .registry import describe, load_pyfunc, tag_version
 from .tracking import MlflowTracker
+
+
+@dataclass(frozen=True)
+class Figures:
+    """The evaluation's figures, as logged to MLflow and written for DVC."""
+
+    confusion: Image.Image  # the confusion matrix with counts
+    misclassified: Image.Image  # the grid of misclassified digits
 
 
 @dataclass(frozen=True)
@@ -56,22 +65,24 @@ def score_test_set(model: Any, raw_dir: Path, batch_size: int) -> TestSetScores:
 def evaluate_version(
     tracker: MlflowTracker, name: str, version: int, raw_dir: Path, batch_size: int,
     misclassified_max: int = 100,
-) -> tuple[TestSetScores, Image.Image]:
+) -> tuple[TestSetScores, Figures]:
     """Score version `version` of registered model `name` as it is stored; log the scores and
     figures to the tracker's current run and tag the version with the headline numbers.
-    Returns the scores and the grid of misclassified digits."""
+    Returns the scores and the figures."""
     result = score_test_set(load_pyfunc(f"models:/{name}/{version}"), raw_dir, batch_size)
-    grid = misclassified_grid(result.images, result.labels, result.probabilities,
-                              misclassified_max)
+    figures = Figures(
+        confusion=figure_image(confusion_figure(confusion_matrix(result.labels,
+                                                                 result.predicted))),
+        misclassified=misclassified_grid(result.images, result.labels, result.probabilities,
+                                         misclassified_max))
     headline = summary(result.report)
     tracker.log_metrics(headline)
     tracker.log_dict(result.report, "evaluation/report.json")
-    tracker.log_figure(confusion_figure(confusion_matrix(result.labels, result.predicted)),
-                       "evaluation/confusion_matrix.png")
-    tracker.log_image(grid, "evaluation/misclassified.png")
+    tracker.log_image(figures.confusion, "evaluation/confusion_matrix.png")
+    tracker.log_image(figures.misclassified, "evaluation/misclassified.png")
     tag_version(tracker.client(), name, version, {**headline, "evaluated_run": tracker.run_id})
     describe(tracker.client(), name, [version])  # what the registry's pages show
-    return result, grid
+    return result, figures
 
 
 @dataclass(frozen=True)
@@ -91,15 +102,13 @@ def run_evaluation(
 ) -> dict[str, Any]:
     """Evaluate the version that train registered; write the stage's files; return the report."""
     tracker.attach(run_info["run_id"])  # fails early if the store or run is missing
-    result, grid = evaluate_version(tracker, run_info["registered_model"],
-                                    run_info["version"], raw_dir, params.batch_size,
-                                    params.misclassified_max)
+    result, figures = evaluate_version(tracker, run_info["registered_model"],
+                                       run_info["version"], raw_dir, params.batch_size,
+                                       params.misclassified_max)
     write_json(outputs.metrics, summary(result.report))
     write_json(outputs.report, result.report)
     write_json(outputs.confusion, confusion_records(result.labels, result.predicted))
-    with atomic_path(outputs.misclassified) as tmp:
-        grid.save(tmp, format="PNG")
+    save_png(figures.misclassified, outputs.misclassified)
     if outputs.confusion_png is not None:
-        save_figure(confusion_figure(confusion_matrix(result.labels, result.predicted)),
-                    outputs.confusion_png)
+        save_png(figures.confusion, outputs.confusion_png)
     return result.report

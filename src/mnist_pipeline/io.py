@@ -74,10 +74,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_figure(figure: Any, target: str | Path) -> None:
-    """A matplotlib figure as a PNG, written atomically; the figure is closed."""
-    import matplotlib.pyplot as plt
-
+def save_png(image: Any, target: str | Path) -> None:
+    """A PIL image as a PNG file, written atomically."""
     with atomic_path(target) as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
-    plt.close(figure)
+        image.save(tmp, format="PNG")

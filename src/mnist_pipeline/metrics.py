@@ -119,6 +119,21 @@ def training_curves_figure(history: list[dict[str, float]]) -> Any:
     return fig
 
 
+def figure_image(figure: Any) -> Image.Image:
+    """A matplotlib figure rendered once into an image (then closed), to log and to save."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    buffer.seek(0)
+    image = Image.open(buffer)
+    image.load()
+    return image
+
+
 def confusion_figure(matrix: np.ndarray) -> Any:
     """A matplotlib figure of the confusion matrix with counts (for MLflow)."""
     import matplotlib

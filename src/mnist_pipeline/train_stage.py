@@ -21,9 +21,9 @@ from .data import SPLITS, load_split
 from .distributed import SINGLE, World, plain_batchnorm
 from .errors import PipelineError
 from .fused import status as fused_status
-from .io import save_figure, write_json
+from .io import save_png, write_json
 from .loop import TrainState, build_state, final_model, fit, to_tensor
-from .metrics import training_curves_figure
+from .metrics import figure_image, training_curves_figure
 from .model import MnistCNN
 from .params import TrainParams, to_dict
 from .registry import deployable, log_and_register
@@ -158,13 +158,13 @@ def describe_run(params: TrainParams, data: TrainData, tags: Mapping[str, str]) 
                                     ("test-time shifts", params.tta)) if on]
     commit = tags.get("git_commit", "unknown")[:12] + (
         " (uncommitted changes)" if tags.get("git_dirty") == "true" else "")
-    images = params.train_subset or 60000
     return "\n".join([
         f"**{params.epochs} epoch{'s' if params.epochs != 1 else ''}** of {params.optimizer} "
         f"(lr {params.lr:g}, {schedule}), "
         f"batch {params.batch_size}, seed {params.seed}, {params.nproc} process(es)",
         f"- beyond the reference: {', '.join(extras) or 'nothing (the reference recipe)'}",
-        f"- data: {images} training images ({params.val_size} held out), IDX MD5 "
+        f"- data: {len(data.images) + params.val_size} training images ({params.val_size} "
+        "held out), IDX MD5 "
         + ", ".join(f"{k.split('-')[0]} {k.split('-')[1]} {v[:8]}"
                     for k, v in sorted(data.md5s.items())),
         f"- code: git {commit}",
@@ -249,7 +249,7 @@ def publish(
     write_json(outputs.history, [{"epoch": row["epoch"], **epoch_metrics(row)}
                                  for row in history])
     if outputs.curves is not None:
-        save_figure(training_curves_figure(history), outputs.curves)
+        save_png(figure_image(training_curves_figure(history)), outputs.curves)
     run_info: dict[str, Any] = {"run_id": tracker.run_id}
     if tracker.run_id is not None:
         run_info.update(register(net, params, data, tracker, outputs.weights))
