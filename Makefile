@@ -3,6 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+PLOTS_PAGE := .dvc/offline-plots.html
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 HOST ?= 127.0.0.1
 PORT ?= 5000
@@ -12,13 +13,19 @@ PORT ?= 5000
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
-install: $(STAMP) ## Create .venv with every pinned dependency (quick when already done)
+install: $(STAMP) $(PLOTS_PAGE) ## Create .venv with every pinned dependency (quick when already done)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
+
+# `dvc plots show` with vega inline: every plot draws offline (.dvc/config.local names it).
+$(PLOTS_PAGE): $(STAMP) src/mnist_pipeline/plots_page.py
+	{ $(VENV)/bin/mnist-pipeline plots-page $@ && \
+	  $(VENV)/bin/dvc config --local plots.html_template $(notdir $@); } || \
+	  echo "warning: no offline plots page; dvc plots show will load vega from the internet"
 
 repro: install ## Run the pipeline (dvc repro); offline, set MNIST_MIRROR=/path/to/mnist
 	dvc repro

@@ -290,10 +290,10 @@ def test_killed_rank_then_repro_resumes_to_the_same_weights(ddp_pipeline):
 
 @pytest.mark.e2e
 def test_two_machines_as_documented_on_loopback(ddp_pipeline):
-    """The README's two-machine recipe, both "machines" on 127.0.0.1 with one process each:
-    `dvc repro` on the first, the stage's own command on the second. World size 2 and, as
-    the two share this machine's cores, 1 thread each: the same weights as 2 processes of
-    one machine (threads change the rounding)."""
+    """The two-machine recipe of docs/distributed.md, both "machines" on 127.0.0.1 with one
+    process each: `dvc repro` on the first, the stage's own command on the second. World
+    size 2 and, as the two share this machine's cores, 1 thread each: the same weights as 2
+    processes of one machine (threads change the rounding)."""
     from .conftest import free_port
 
     repo, env, _, _, straight = ddp_pipeline

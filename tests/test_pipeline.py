@@ -152,6 +152,6 @@ def test_registered_model_predicts_like_the_trained_one(pipeline, run_info, batc
     assert served.shape == (batch, 10)
     np.testing.assert_allclose(served, expected.detach().numpy(), atol=1e-5)
     # the exported graph kept the channels-last weights (fast CPU inference)
-    weights = [p for p in loaded.get_raw_model().parameters() if p.dim() == 4]
+    weights = [p for p in loaded.unwrap_python_model().network.parameters() if p.dim() == 4]
     assert len(weights) == 3
     assert all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -175,24 +176,57 @@ def test_mlflow_server_answers_rest_queries(pipeline, promotions, run_info):
         _stop(server)
 
 
-def test_mlflow_models_serve_predicts(pipeline, promotions):
+def _post(url: str, body: bytes) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _readme_request() -> str:
+    """The README's copy-paste request: the bash block that posts digit.json."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks = readme.split("```bash\n")
+    return next(b.split("```")[0] for b in blocks if "-d @digit.json" in b)
+
+
+def test_mlflow_models_serve_predicts_and_refuses_bad_input(pipeline, promotions):
     repo, env, _ = pipeline
     port = free_port()
     serve_env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"}
     server = _popen([str(VENV_BIN / "mlflow"), "models", "serve", "-m",
                      "models:/mnist-cnn@champion", "--env-manager", "local",
                      "-h", "127.0.0.1", "-p", str(port)], repo, serve_env)
+    url = f"http://127.0.0.1:{port}/invocations"
     try:
         wait_for_http(f"http://127.0.0.1:{port}/ping", server, timeout=180)
         images, labels = load_real("t10k", 20)
-        body = json.dumps({"inputs": (images[:, None] / 255.0).tolist()}).encode()
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations", data=body,
-            headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as response:
-            predictions = np.array(json.loads(response.read())["predictions"])
+        pixels = images[:, None] / 255.0
+        status, body = _post(url, json.dumps({"inputs": pixels.tolist()}).encode())
+        assert status == 200
+        predictions = np.array(json.loads(body)["predictions"])
         assert predictions.shape == (20, 10)
         assert (predictions.argmax(1) == labels).mean() >= 0.95
+
+        # what a user gets wrong is refused in one short sentence, not echoed back
+        nan = pixels[:2].copy()
+        nan[1, 0, 5, 5] = np.nan
+        wrong = {"8-bit": (images[:2, None].astype(float).tolist(), "must lie in [0, 1]"),
+                 "NaN": (nan.tolist(), "must be finite"),
+                 "shape": (images[:2].reshape(2, 784).tolist(), "expected shape (-1, 1, 28, 28)")}
+        for case, (inputs, message) in wrong.items():
+            status, body = _post(url, json.dumps({"inputs": inputs}).encode())
+            assert status == 400, case
+            assert len(body) < 1024, (case, len(body))
+            assert message in json.loads(body)["message"], (case, body)
+
+        # the README's request, as a user pastes it (the port is the test's)
+        script = _readme_request().replace("127.0.0.1:5001", f"127.0.0.1:{port}")
+        done = run(["bash", "-c", script], repo, env)
+        answer = json.loads(done.stdout)["predictions"]
+        assert int(np.argmax(answer[0])) == labels[0]
     finally:
         _stop(server)
 

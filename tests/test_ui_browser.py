@@ -6,6 +6,7 @@ saying why, only where Chromium or its driver is not installed (`.ci/run` instal
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import VENV_BIN, clean_env, free_port, run, wait_for_http
+from .conftest import ROOT, VENV_BIN, clean_env, free_port, run, wait_for_http
 
 pytestmark = pytest.mark.e2e
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -122,13 +123,20 @@ def test_runs_models_and_descriptions_in_the_mlflow_ui(browser, mlflow_ui, promo
                for shot in ("runs", "runs-with-accuracy", "run", "charts", "model", "version"))
 
 
-def test_dvc_plots_images_render_offline(browser, pipeline, tmp_path):
-    """`dvc plots show`'s page with the network cut off (an unreachable proxy): the image
-    plots (curves, confusion matrix with counts, misclassified digits) all load."""
+def test_dvc_plots_render_offline(browser, pipeline, tmp_path):
+    """`dvc plots show`'s page, with the template `make install` writes (vega inline), opened
+    with the network cut off: the image plots (curves, confusion matrix with counts,
+    misclassified digits) load and every vega plot is drawn."""
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
+    template = ROOT / ".dvc" / "offline-plots.html"
+    assert template.is_file(), f"{template} missing: `make install` writes it"
     repo, env, _ = pipeline
-    run(["dvc", "plots", "show", "--out", "dvc_plots"], repo, env)
+    run(["dvc", "plots", "show", "--out", "dvc_plots", "--html-template", str(template)],
+        repo, env)
+    page = (repo / "dvc_plots" / "index.html").read_text()
+    assert "cdn.jsdelivr" not in page
     browser.execute_cdp_cmd("Network.enable", {})
     browser.execute_cdp_cmd("Network.emulateNetworkConditions", {
         "offline": True, "latency": 0, "downloadThroughput": 0, "uploadThroughput": 0})
@@ -140,4 +148,25 @@ def test_dvc_plots_images_render_offline(browser, pipeline, tmp_path):
     for name, img in images.items():
         assert browser.execute_script("return arguments[0].complete && "
                                       "arguments[0].naturalWidth > 100", img), name
+
+    # every vega plot: a drawn canvas with more than a few non-white pixels
+    targets = re.findall(r"vegaEmbed\('#([^']+)'", page)
+    assert len(targets) == 4, targets  # loss, accuracy, learning rate, confusion matrix
+    WebDriverWait(browser, 30).until(lambda b: all(
+        b.find_elements(By.CSS_SELECTOR, f"#{t} canvas") for t in targets))
+    for target in targets:
+        inked = browser.execute_script(_INKED, f"#{target} canvas")
+        assert inked > 500, (target, inked)
     browser.save_screenshot(str(tmp_path / "dvc-plots-offline.png"))
+
+
+# How many pixels of a canvas are not white (nor transparent).
+_INKED = """
+const c = document.querySelector(arguments[0]);
+const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+let n = 0;
+for (let i = 0; i < d.length; i += 4) {
+  if (d[i + 3] > 0 && (d[i] < 200 || d[i + 1] < 200 || d[i + 2] < 200)) n++;
+}
+return n;
+"""

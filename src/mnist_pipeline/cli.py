@@ -7,6 +7,7 @@
     mnist-pipeline ensemble --versions 4 5 6   # one model averaging several versions
     mnist-pipeline ensemble --experiments E1 E2  # ... the versions of DVC experiments
     mnist-pipeline predict IMAGE... [--model URI] [--json]
+    mnist-pipeline plots-page .dvc/offline-plots.html  # `make install` writes it
 
 The store is $MLFLOW_TRACKING_URI, else ./mlruns (as the pipeline's train stage uses it).
 """
@@ -166,6 +167,16 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plots_page(args: argparse.Namespace) -> int:
+    from .plots_page import SCRIPTS, write_page
+
+    path = write_page(args.output)
+    print(f"Wrote {path} ({', '.join(f'{s.package} {s.version}' for s in SCRIPTS)} inline); "
+          "`dvc plots show --html-template` with it, or `dvc config --local "
+          "plots.html_template`, renders every plot offline")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="mnist-pipeline", description=__doc__.splitlines()[0])
     sub = top.add_subparsers(dest="command", required=True)
@@ -212,6 +223,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", type=Path)
     p.add_argument("--model", help="model URI (default: models:/<name>@<alias>)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = add("plots-page", cmd_plots_page,
+            "Write a `dvc plots show` page template that draws the vega plots offline.")
+    p.add_argument("output", type=Path, help="the template to write")
     return top
 
 

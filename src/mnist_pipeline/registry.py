@@ -1,13 +1,15 @@
 """The MLflow model registry: logging and registering trained models, and loading them back.
 
-Models are stored in the `pt2` format (torch.export): a traced graph plus weights, loadable
-without pickle (MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false), with a dynamic batch dimension.
+A logged model is `served_model.py` (checks of the input) around the network in the `pt2`
+format (torch.export): a traced graph plus weights, loadable without pickle
+(MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false), with a dynamic batch dimension.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,26 +74,33 @@ def log_and_register(
 ) -> RegisteredModel:
     """Log `model` to the active run and register it as a new version of `registered_model`.
 
-    `example` (float32, (B, 1, 28, 28), B > 1) is stored as the input example; a batch of
-    more than one image keeps the exported graph's batch dimension dynamic.
+    The logged model is `served_model.py` (input checks) around the network exported as an
+    `mlflow.pytorch` pt2 model. `example` (float32, (B, 1, 28, 28), B > 1) is stored as the
+    input example; a batch of more than one image keeps the graph's batch dimension dynamic.
     """
     import mlflow
     import torch
 
     if example.ndim != 4 or example.shape[0] < 2:
         raise ValueError("the input example must hold at least two images")
-    with warnings.catch_warnings():
+    example = example.astype(np.float32)
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", "numpy"]
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # torch.export's saver says this of every strided (channels-last) weight; it matters
         # only for weights that are not on the CPU, and a deployable model's all are.
         warnings.filterwarnings("ignore", message="No complete tensor found in the group")
-        info = mlflow.pytorch.log_model(
-            model,
+        network = Path(tmp) / "network"
+        mlflow.pytorch.save_model(model, network, serialization_format="pt2",
+                                  signature=signature(), input_example=example,
+                                  pip_requirements=requirements)
+        info = mlflow.pyfunc.log_model(
             name=registered_model,  # the logged model's name: the registered one's
-            serialization_format="pt2",
+            python_model=str(Path(__file__).with_name("served_model.py")),
+            artifacts={"network": str(network)},
             signature=signature(),
-            input_example=example.astype(np.float32),
+            input_example=example,
             registered_model_name=registered_model,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
+            pip_requirements=[*requirements, f"mlflow=={mlflow.__version__}"],
         )
     return RegisteredModel(
         run_id=run_id, model_uri=info.model_uri, registered_model=registered_model,
