@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	$(VENV)/bin/mnist-pipeline build-kernels || true  # (on failure, training uses the eager modules)
 	touch $(STAMP)
 
 repro: install ## Run the pipeline (dvc repro); offline, set MNIST_MIRROR=/path/to/mnist
