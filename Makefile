@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	$(VENV)/bin/mnist-pipeline build-kernels || true  # (on failure, training uses the eager modules)
 	touch $(STAMP)
 
 # `dvc plots show` with vega inline: every plot draws offline (.dvc/config.local names it).

@@ -1,16 +1,22 @@
 """The fused CPU kernels (mnist_pipeline.fused): the same function, gradients and running
-statistics as the eager modules, the max-pool's tie and NaN rules, the model-level forward,
-their use by `fit`, and the fallback to the eager modules where they cannot be built."""
+statistics as the eager modules, the same bits with any thread count, the max-pool's tie and
+NaN rules, the model-level forward, their use by `fit` and the `fused_kernels` tag, the
+fallback to the eager modules (a failed build, a model they do not take) with one warning,
+`mnist-pipeline build-kernels`, and builds killed or stuck while holding their lock."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
+import fcntl
 import functools
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -19,12 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_pipeline import fused
+from mnist_pipeline import fused, loop
 from mnist_pipeline.loop import build_state, fit, to_tensor
 from mnist_pipeline.model import MnistCNN
 from mnist_pipeline.params import TrainParams
+from mnist_pipeline.tracking import NullTracker
+from mnist_pipeline.train_stage import TrainOutputs, run_training
 
-from .conftest import load_real
+from .conftest import load_real, mnist_mirror
 
 CPU = torch.device("cpu")
 
@@ -288,15 +296,15 @@ def test_fit_uses_the_kernels_by_default_and_learns_as_eager(monkeypatch):
     on = fit(build_state(params, CPU), params, x, y)
     assert calls[0] == 2 * 2 * (600 // 50)  # two pooled blocks a step
     off_params = dataclasses.replace(params, fused_kernels=False)
-    assert fused.status(off_params, CPU) == "off"
+    assert fused.status(off_params, CPU) == "off (disabled by params)"
     off = fit(build_state(off_params, CPU), off_params, x, y)
     assert calls[0] == 2 * 2 * (600 // 50)
     for a, b in zip(on, off, strict=True):  # the same training, up to rounding
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-2)
-    for option, why in (({"amp": "bf16"}, "amp"), ({"compile": True}, "compile")):
-        assert fused.status(dataclasses.replace(params, **option), CPU) == \
-            f"off ({why})"
-    assert fused.status(params, torch.device("cuda")) == "off (cuda)"
+    for option, why in (({"amp": "bf16"}, "amp bf16"), ({"compile": True}, "torch.compile"),
+                        ({"channels_last": False}, "needs channels_last")):
+        assert fused.status(dataclasses.replace(params, **option), CPU) == f"off ({why})"
+    assert fused.status(params, torch.device("cuda")) == "off (device not CPU: cuda)"
 
 
 def test_a_checkout_at_another_path_reuses_the_cached_build(tmp_path):
@@ -322,22 +330,200 @@ def test_a_checkout_at_another_path_reuses_the_cached_build(tmp_path):
     assert builds[0] == builds[1]  # built once, not recompiled for the second path
 
 
-def test_without_a_build_training_falls_back_to_the_eager_modules(monkeypatch, tmp_path):
-    broken = tmp_path / "fused_bn.cpp"
-    broken.write_text("#error deliberately broken\n")
-    monkeypatch.setattr(fused, "SOURCE", broken)
+@pytest.mark.parametrize("cause", ["compile-error", "no-compiler"])
+def test_without_a_build_training_falls_back_with_one_warning(cause, monkeypatch, tmp_path,
+                                                               capfd):
+    if cause == "compile-error":
+        broken = tmp_path / "fused_bn.cpp"
+        broken.write_text("#error deliberately broken\n")
+        monkeypatch.setattr(fused, "SOURCE", broken)
+        telling = "deliberately broken"
+    else:
+        monkeypatch.setenv("CXX", "/nonexistent")
+        telling = "/nonexistent: not found"
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "builds"))
     fused.extension.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match="fused CPU kernels unavailable"):
-            status = fused.status(TrainParams(), CPU)
-        assert status.startswith("unavailable (") and "deliberately broken" in status
+        params = TrainParams(epochs=1, batch_size=50)
+        status = fused.status(params, CPU, MnistCNN().to(memory_format=torch.channels_last))
+        assert status.startswith("off (build failed: ") and telling in status
         calls = _count_fused_calls(monkeypatch)
         x, y = _subset()
-        params = TrainParams(epochs=1, batch_size=50)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # warned once, not at every step
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # every warning, not once per place
             history = fit(build_state(params, CPU), params, x, y)
         assert calls[0] == 0 and history[0]["train_loss"] > 0
+        assert [str(w.message) for w in caught] == [
+            f"fused CPU kernels not used ({status[5:-1]}); training with the eager modules "
+            "(same results up to rounding)"]
+        assert capfd.readouterr().err == ""  # no compiler banner, no traceback
     finally:
         fused.extension.cache_clear()
+
+
+class _AvgPooled(MnistCNN):
+    """MnistCNN with an average pool in its second block: a model the kernels do not take."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features[5] = nn.AvgPool2d(2)
+
+
+@pytest.fixture(scope="module")
+def raw_dir(tmp_path_factory):
+    from mnist_pipeline.download import download
+
+    out = tmp_path_factory.mktemp("raw") / "raw"
+    download(out, [str(mnist_mirror())])
+    return out
+
+
+def test_a_model_the_kernels_do_not_take_is_tagged_off_with_one_warning(monkeypatch,
+                                                                        raw_dir, tmp_path):
+    # e.g. model.py edited: the run's tag says what trained it, and training says so once
+    params = TrainParams(epochs=1, train_subset=200, batch_size=50)
+    why = ("model not supported: features.5 is AvgPool2d(kernel_size=2, stride=2, padding=0), "
+           "not a MaxPool2d(2, 2)")
+    assert fused.status(params, CPU, _AvgPooled()) == f"off ({why})"
+    assert fused.status(params, CPU, MnistCNN().to(memory_format=torch.channels_last)) == "on"
+    monkeypatch.setattr(loop, "MnistCNN", _AvgPooled)
+    calls = _count_fused_calls(monkeypatch)
+
+    class Tags(NullTracker):
+        seen: dict[str, str] = {}
+
+        def set_tags(self, tags):
+            self.seen.update(tags)
+
+    out = TrainOutputs(*(tmp_path / f for f in ("w.pt", "m.json", "h.json", "r.json")))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_training(params, raw_dir, {"mean": 0.1307, "std": 0.3081}, out, CPU, Tags(),
+                     print_fn=lambda line: None)
+    assert calls[0] == 0
+    assert Tags.seen["fused_kernels"] == f"off ({why})"
+    assert Tags.seen["fused_kernels_build"] == "none"
+    assert [str(w.message) for w in caught if "fused" in str(w.message)] == [
+        f"fused CPU kernels not used ({why}); training with the eager modules (same results "
+        "up to rounding)"]
+
+
+def test_the_kernels_give_the_same_bits_with_any_thread_count():
+    # their sums are split into a fixed number of chunks, not one per thread. The inputs sit
+    # 1000 standard deviations from zero, where the sums' grouping shows in float results
+    # (with one chunk per thread, 1 and 2 threads differ here)
+    g = torch.Generator().manual_seed(5)
+    x1 = torch.randn(32, 1, 28, 28, generator=g) + 1000
+    x2 = (torch.randn(32, 32, 28, 28, generator=g) + 1000).contiguous(
+        memory_format=torch.channels_last)
+    x3 = (torch.randn(32, 64, 14, 14, generator=g) + 1000).contiguous(
+        memory_format=torch.channels_last)
+
+    def run() -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        conv, bns = nn.Conv2d(1, 16, 3, padding=1), [_bn(16), _bn(32), _bn(64)]
+        y1 = fused.conv_bn_relu(x1, conv, bns[0])
+        y2 = fused.bn_relu(x2, bns[1])
+        x3g = x3.clone().requires_grad_()
+        y3 = fused.bn_pool_relu(x3g, bns[2])
+        loss = sum((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum()
+                   for y in (y1, y2, y3))
+        leaves = [conv.weight, conv.bias, x3g, *(p for bn in bns for p in bn.parameters())]
+        grads = torch.autograd.grad(loss, leaves)
+        return [y1, y2, y3, *grads, *(b for bn in bns for b in bn.buffers())]
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(2)
+        two = run()
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
+
+
+def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    code = "import sys\nfrom mnist_pipeline.cli import main\nmain(sys.argv[1:])\n"
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+def test_build_kernels_after_a_build_killed_mid_compile(tmp_path):
+    # A real build, killed (its whole process group, as a job manager or Ctrl-C would) while
+    # the compiler runs: torch's flock dies with it, the `lock` file stays and blocks nothing,
+    # and `mnist-pipeline build-kernels` builds, checks and says where the library is.
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "builds")}
+    env.pop("CXX", None)
+    build = subprocess.Popen([sys.executable, "-c", "from mnist_pipeline import fused\n"
+                              "fused.build()"], env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((tmp_path / "builds").glob("*/build.ninja")):
+            assert build.poll() is None and time.monotonic() < deadline, "no build started"
+            time.sleep(0.1)
+        time.sleep(3)  # ninja runs the compiler (which takes about a minute)
+    finally:
+        os.killpg(build.pid, signal.SIGKILL)
+        build.wait()
+    (folder,) = (tmp_path / "builds").iterdir()
+    assert fused.lock_state(folder / "lock") == "free"  # left behind, held by no one
+    assert not list(folder.glob("*.so"))
+    done = _cli("build-kernels", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "did not finish (killed or failed; its lock was released): building again" in \
+        done.stderr
+    library = Path(done.stdout.split("fused CPU kernels: ")[1].split(" (compiled in ")[0])
+    assert library.parent == folder and library.is_file()
+    assert done.stdout.rstrip().endswith("they match the eager modules")
+    again = _cli("build-kernels", env=env)
+    assert again.returncode == 0 and "(cached build)" in again.stdout and not again.stderr
+    failed = _cli("build-kernels", env={**env, "CXX": "/nonexistent"})
+    assert failed.returncode == 1 and failed.stdout == ""
+    assert failed.stderr == ("error: the fused CPU kernels cannot be built (RuntimeError: "
+                             "/bin/sh: 1: /nonexistent: not found); training will use the "
+                             "eager modules\n")
+
+
+@pytest.mark.parametrize("how", ["held", "marker"])
+def test_a_stale_build_lock_is_cleared_with_a_message(how, tmp_path, monkeypatch):
+    # 'held': a live process holds the flock and its build made no progress (stuck, stopped);
+    # 'marker': a file system without flock, where filelock's marker file is the lock
+    folder = tmp_path / "build"
+    folder.mkdir()
+    (folder / "build.ninja").write_text("")
+    lock = folder / "lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time\nf = open(sys.argv[1], 'w')\n"
+         "fcntl.flock(f, fcntl.LOCK_EX)\nprint(flush=True)\ntime.sleep(600)", str(lock)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        holder.stdout.readline()  # it holds the lock
+        if how == "marker":
+            real_flock = fcntl.flock
+
+            def no_flock(fd, op):
+                raise OSError(errno.ENOSYS, "Function not implemented")
+
+            monkeypatch.setattr(fcntl, "flock", no_flock)
+        assert fused.lock_state(lock) == how
+        assert fused.clear_stale_lock(folder) is None  # just now: a build in progress
+        old = time.time() - fused.LOCK_IDLE_LIMIT - 60
+        for path in folder.iterdir():
+            os.utime(path, (old, old))
+        message = fused.clear_stale_lock(folder)
+        assert message is not None and not lock.exists()
+        who = (f"held by process {holder.pid}" if how == "held"
+               else "a marker file: no flock on this file system")
+        assert message == (f"cleared the stale build lock {lock} ({who}; no build progress "
+                           "for 11 min)")
+        if how == "marker":
+            monkeypatch.setattr(fcntl, "flock", real_flock)
+        from filelock import FileLock
+
+        with FileLock(lock, timeout=5):  # as torch takes it: no longer blocked
+            pass
+    finally:
+        holder.kill()
+        holder.wait()

@@ -118,6 +118,46 @@ def test_run_training_is_deterministic_on_cpu(raw_dir, tmp_path):
     assert "features.0.weight" in state and state["features.0.weight"].device.type == "cpu"
 
 
+def test_a_resume_with_another_thread_count_is_noted(raw_dir, tmp_path):
+    """Threads change the rounding of PyTorch's CPU ops: the checkpoint records the runtime,
+    and a resume with another one says so, in its output and in the run's tags."""
+    stats = {"mean": 0.1307, "std": 0.3081}
+    out = TrainOutputs(*(tmp_path / f for f in ("w.pt", "m.json", "h.json", "r.json")),
+                       checkpoint=tmp_path / "ckpt.pt")
+    steps = []
+
+    def stop_in_epoch_two() -> None:
+        steps.append(1)
+        if len(steps) > 25:  # (20 steps an epoch)
+            raise KeyboardInterrupt
+
+    class Tags(NullTracker):
+        seen: dict[str, str] = {}
+
+        def set_tags(self, tags):
+            self.seen.update(tags)
+
+    threads = torch.get_num_threads()
+    lines = []
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(KeyboardInterrupt):
+            run_training(SMALL, raw_dir, stats, out, torch.device("cpu"), NullTracker(),
+                         print_fn=lambda line: None, on_step=stop_in_epoch_two)
+        runtime = torch.load(out.checkpoint, weights_only=True)["runtime"]
+        assert runtime["cpu_threads"] == "2" and runtime["fused_kernels"] == "on"
+        torch.set_num_threads(1)
+        run_training(SMALL, raw_dir, stats, out, torch.device("cpu"), Tags(),
+                     print_fn=lines.append)
+    finally:
+        torch.set_num_threads(threads)
+    assert "Note: resuming with cpu_threads 2 -> 1: the result can differ in rounding from " \
+        "an uninterrupted run" in lines
+    assert Tags.seen["resumed_with_runtime_change"] == "cpu_threads 2 -> 1"
+    assert Tags.seen["cpu_threads"] == "1"
+    assert torch.load(out.checkpoint, weights_only=True)["runtime"]["cpu_threads"] == "1"
+
+
 def test_validation_split_is_disjoint_and_seeded():
     from mnist_pipeline.train_stage import split_validation
 

@@ -2,7 +2,8 @@
 
 A checkpoint holds the model, optimizer, scheduler and shuffling-generator states (with
 several ranks, each rank's augmentation generator too), the epoch and history, the MLflow run
-id, and a fingerprint of the params, data and world size it belongs to. It is
+id, a fingerprint of the params, data and world size it belongs to, and the runtime that
+rounds the arithmetic (CPU, threads, fused kernels: a resume with another one is noted). It is
 written atomically (a kill at any moment leaves the previous one intact) and read with
 `weights_only=True` (no pickle).
 """
@@ -26,9 +27,10 @@ class CheckpointError(PipelineError):
 
 def save_checkpoint(path: Path, state: TrainState, run_id: str | None, fingerprint: str,
                     complete: bool = False,
-                    rank_generators: list[torch.Tensor] | None = None) -> None:
+                    rank_generators: list[torch.Tensor] | None = None,
+                    runtime: dict[str, str] | None = None) -> None:
     """Write `state` (and every rank's augmentation generator state, when there are several
-    ranks) to `path`."""
+    ranks, and the `runtime` it was trained with) to `path`."""
     payload = {
         "model": state.model.state_dict(),
         "optimizer": state.optimizer.state_dict(),
@@ -44,6 +46,7 @@ def save_checkpoint(path: Path, state: TrainState, run_id: str | None, fingerpri
         "ema": state.ema.state_dict() if state.ema is not None else None,
         "best": state.best,
         "rank_generators": rank_generators,
+        "runtime": runtime,
     }
     save_state_file(path, payload)
 

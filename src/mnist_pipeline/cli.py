@@ -8,6 +8,7 @@
     mnist-pipeline ensemble --experiments E1 E2  # ... the versions of DVC experiments
     mnist-pipeline predict IMAGE... [--model URI] [--json]
     mnist-pipeline plots-page .dvc/offline-plots.html  # `make install` writes it
+    mnist-pipeline build-kernels               # compile the fused CPU kernels (make install)
 
 The store is $MLFLOW_TRACKING_URI, else ./mlruns (as the pipeline's train stage uses it).
 """
@@ -177,6 +178,20 @@ def cmd_plots_page(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_kernels(args: argparse.Namespace) -> int:
+    from .fused import build
+
+    done = build()
+    for note in done.notes:
+        print(f"note: {note}", file=sys.stderr)
+    how = f"compiled in {done.seconds:.0f} s" if done.compiled else "cached build"
+    if done.problem is not None:
+        raise PipelineError(f"fused CPU kernels at {done.path} ({how}) do not work: "
+                            f"{done.problem}; training will use the eager modules")
+    print(f"fused CPU kernels: {done.path} ({how}); they match the eager modules")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="mnist-pipeline", description=__doc__.splitlines()[0])
     sub = top.add_subparsers(dest="command", required=True)
@@ -227,6 +242,10 @@ def parser() -> argparse.ArgumentParser:
     p = add("plots-page", cmd_plots_page,
             "Write a `dvc plots show` page template that draws the vega plots offline.")
     p.add_argument("output", type=Path, help="the template to write")
+
+    help_text = "Compile the fused CPU training kernels now (else the first training does)."
+    p = sub.add_parser("build-kernels", help=help_text, description=help_text)
+    p.set_defaults(func=cmd_build_kernels, name="")  # (no registered model involved)
     return top
 
 

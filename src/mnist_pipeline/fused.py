@@ -5,20 +5,35 @@
 1-channel images), for a BatchNorm2d `bn` in training mode (batch statistics; its running
 estimates are updated as BatchNorm2d updates them), on float32 CPU tensors. They compute the
 same function and gradients as the eager modules with fewer passes over memory; only the
-order of rounding differs (tests/test_fused.py compares them, also against float64).
+order of rounding differs (tests/test_fused.py compares them, also against float64). Their
+sums are split into a fixed number of chunks, not one per thread: for a given build the
+results are the same bits with any number of threads. The build is for this CPU
+(-march=native), so another CPU or compiler can round differently.
 `forward(model, x)` is `model(x)` for a training MnistCNN with its three conv blocks run
 through them: the model class itself is untouched (its state dict, export and evaluation do
-not involve them).
+not involve them). `status(params, device, model)` says whether training runs them, or why
+not: the run's `fused_kernels` tag.
 
-The C++ source is compiled on first use with torch.utils.cpp_extension (a C++ compiler with
-OpenMP and ninja are needed), then cached under $TORCH_EXTENSIONS_DIR
-(default ~/.cache/torch_extensions) for every checkout of the same source. Where it cannot
-be built, `extension()` returns None with a warning and the reason in `unavailable_reason()`:
-the model then trains with the eager modules, with the same results up to rounding.
+The C++ source is compiled with torch.utils.cpp_extension by `build()` (`mnist-pipeline
+build-kernels`, which `make install` runs), else on first use, and cached under
+$TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions) for every checkout of the same
+source; a C++ compiler with OpenMP and ninja are needed. Where it cannot be built,
+`extension()` returns None with the reason in `unavailable_reason()`: the model then trains
+with the eager modules, with the same results up to rounding.
+
+Concurrent builds: torch serialises them with filelock's flock on `<build folder>/lock`. The
+kernel releases a flock when its holder dies, so a killed build blocks nothing; the empty
+`lock` file stays (as after every build) and the next build starts over. What can block is a
+lock that a live but stuck process holds, or, on a file system without flock, filelock's
+marker file (whose existence is the lock): `clear_stale_lock` removes either once the build
+folder has not changed for LOCK_IDLE_LIMIT seconds, and says so.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import functools
 import hashlib
 import logging
@@ -26,21 +41,30 @@ import os
 import platform
 import shutil
 import sys
+import time
 import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .errors import PipelineError
 from .model import MnistCNN
 from .params import TrainParams
 
 SOURCE = Path(__file__).with_name("csrc") / "fused_bn.cpp"
 # -march=native: the kernels are memory-bound loops that the compiler vectorises for this CPU.
 CFLAGS = ("-O3", "-fopenmp", "-march=native")
+# A build whose folder has not changed for this long (10 min; compiling takes about a minute)
+# is stuck: its lock may be cleared.
+LOCK_IDLE_LIMIT = 600.0
+BUILD_FAILED, MODEL_NOT_SUPPORTED = "build failed", "model not supported"
 _failures: list[str] = []
 
 
@@ -63,36 +87,139 @@ def build_name() -> str:
 
 
 def _reason(exc: Exception) -> str:
-    """The telling line of a build failure (a compiler error, not ninja's last words)."""
+    """The telling line of a build failure (the compiler's or the shell's error, not the
+    command line or ninja's last words)."""
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    errors = [ln for ln in lines if "error:" in ln]  # the compiler's "file:line: error: ..."
+    # "file:line: error: ...", "/bin/sh: 1: g++: not found", "...: No such file or directory"
+    errors = [ln for ln in lines if "error:" in ln or ln.endswith("not found")
+              or "No such file" in ln]
     return f"{type(exc).__name__}: {(errors or lines or [''])[0][:300]}"
+
+
+@contextlib.contextmanager
+def _quiet_torch() -> Iterator[None]:
+    """Silence torch.utils.cpp_extension's log below errors: its "No CUDA runtime is found"
+    and compiler-compatibility banners (a failure is reported once, by its reason)."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _cpp_extension() -> ModuleType:
+    with _quiet_torch():
+        from torch.utils import cpp_extension
+    return cpp_extension
+
+
+def build_folder() -> Path:
+    """Where torch builds and caches this source (created if missing)."""
+    return Path(_cpp_extension()._get_build_directory(build_name(), verbose=False))
+
+
+def lock_state(lock: Path) -> str:
+    """'absent'; 'free': no process holds it (what a finished or a killed build leaves; it
+    blocks no one); 'held': a live process holds its flock; 'marker': this file system has no
+    flock, so the file's existence is the lock (filelock's fallback)."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:
+        return "absent"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno == errno.ENOSYS:
+            return "marker"
+        if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            return "held"
+        raise
+    finally:
+        os.close(fd)  # (which releases the probe's own flock)
+    return "free"
+
+
+def _holder(lock: Path) -> int | None:
+    """The process holding the lock's flock, from /proc/locks (Linux; None where unknown)."""
+    try:
+        inode = str(lock.stat().st_ino)
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return None
+    for fields in (line.split() for line in lines):
+        # "1: FLOCK  ADVISORY  WRITE 4242 08:01:131 0 EOF" (a waiter's line has "->" in [1])
+        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5].split(":")[-1] == inode:
+            return int(fields[4])
+    return None
+
+
+def _idle_seconds(folder: Path, now: float) -> float:
+    """Seconds since a file in `folder` (objects, ninja's log, the lock) last changed."""
+    times = []
+    for entry in os.scandir(folder):
+        try:
+            times.append(entry.stat().st_mtime)
+        except FileNotFoundError:  # removed meanwhile: progress
+            return 0.0
+    return now - max(times, default=now)
+
+
+def clear_stale_lock(folder: Path, idle_limit: float = LOCK_IDLE_LIMIT,
+                     now: float | None = None) -> str | None:
+    """Remove `folder`'s build lock if it blocks (held, or a marker) and the folder has not
+    changed for `idle_limit` seconds; return what was done, or None."""
+    lock = folder / "lock"
+    state = lock_state(lock)
+    if state in ("absent", "free"):
+        return None
+    idle = _idle_seconds(folder, time.time() if now is None else now)
+    if idle < idle_limit:
+        return None  # a build in progress: torch waits for it
+    pid = _holder(lock) if state == "held" else None
+    who = (f"held by process {pid}" if pid is not None else
+           "held by a process outside this machine's view" if state == "held" else
+           "a marker file: no flock on this file system")
+    lock.unlink(missing_ok=True)
+    return (f"cleared the stale build lock {lock} ({who}; no build progress for "
+            f"{idle / 60:.0f} min)")
+
+
+def _unfinished(folder: Path, name: str) -> str | None:
+    """A note if an earlier build in `folder` started and left no library."""
+    if lock_state(folder / "lock") == "free" and not (folder / f"{name}.so").exists():
+        return (f"an earlier build in {folder} did not finish (killed or failed; its lock "
+                "was released): building again")
+    return None
+
+
+def _load() -> tuple[ModuleType, list[str]]:
+    """Build (or find built) and import the kernels; notes on locks cleared on the way."""
+    cpp_extension, name, folder = _cpp_extension(), build_name(), build_folder()
+    notes = [n for n in (clear_stale_lock(folder), _unfinished(folder, name)) if n]
+    # load_inline, not load: the source is copied into the build folder (main.cpp), so a
+    # checkout at another path (a `dvc exp run --queue` copy, a test's temporary project)
+    # reuses the cached build instead of recompiling because ninja saw a new source path.
+    with _quiet_torch():
+        module = cpp_extension.load_inline(name=name, cpp_sources=[SOURCE.read_text()],
+                                           extra_cflags=list(CFLAGS), no_implicit_headers=True,
+                                           build_directory=str(folder))
+    return module, notes
 
 
 @functools.cache
 def extension() -> ModuleType | None:
-    """The compiled kernels, built on first call (None, with a warning, if that fails)."""
+    """The compiled kernels, built on first call (None if that fails: the reason is in
+    `unavailable_reason()`; training warns of it once, see `status`)."""
     try:
-        # Its import warns "No CUDA runtime is found" on a CPU-only machine: not our concern.
-        logger = logging.getLogger("torch.utils.cpp_extension")
-        level = logger.level
-        logger.setLevel(logging.ERROR)
-        try:
-            from torch.utils import cpp_extension
-        finally:
-            logger.setLevel(level)
-        # load_inline, not load: the source is copied into the build folder (main.cpp), so a
-        # checkout at another path (a `dvc exp run --queue` copy, a test's temporary project)
-        # reuses the cached build instead of recompiling because ninja saw a new source path.
-        # (torch serialises concurrent builds with an OS lock, released if a build is killed)
-        return cpp_extension.load_inline(name=build_name(), cpp_sources=[SOURCE.read_text()],
-                                         extra_cflags=list(CFLAGS), no_implicit_headers=True)
+        module, notes = _load()
     except Exception as exc:  # no compiler, no ninja, a read-only cache, ...
         _failures.append(_reason(exc))
-        warnings.warn(f"fused CPU kernels unavailable ({_failures[-1]}); training with the "
-                      "eager modules (same results up to rounding)", RuntimeWarning,
-                      stacklevel=2)
         return None
+    for note in notes:
+        warnings.warn(f"fused CPU kernels: {note}", RuntimeWarning, stacklevel=2)
+    return module
 
 
 def unavailable_reason() -> str | None:
@@ -100,17 +227,88 @@ def unavailable_reason() -> str | None:
     return _failures[-1] if _failures else None
 
 
-def status(params: TrainParams, device: torch.device) -> str:
-    """'on' if training with `params` on `device` runs the fused kernels (built on the first
-    call), else 'off' or 'unavailable' with the reason: for the run's record."""
-    if not params.fused_kernels:
-        return "off"
-    for excluded, why in ((device.type != "cpu", device.type), (params.amp != "none", "amp"),
-                          (params.compile, "compile"),
+@dataclass(frozen=True)
+class KernelBuild:
+    """What `build()` found: the library, whether it was compiled now, and its check."""
+
+    path: Path
+    seconds: float
+    compiled: bool  # False: the cached build was loaded
+    notes: tuple[str, ...]  # stale locks cleared, an unfinished build redone
+    problem: str | None  # None: the kernels match the eager modules
+
+
+def build() -> KernelBuild:
+    """Build the kernels now (or load the cached build) and check them against the eager
+    modules; a PipelineError with the reason if they cannot be built."""
+    start = time.perf_counter()
+    try:
+        library = build_folder() / f"{build_name()}.so"
+        before = library.stat().st_mtime_ns if library.exists() else None
+        module, notes = _load()
+    except Exception as exc:
+        raise PipelineError(f"the fused CPU kernels cannot be built ({_reason(exc)}); "
+                            "training will use the eager modules") from None
+    path = Path(str(module.__file__))
+    return KernelBuild(path, time.perf_counter() - start,
+                       before is None or path.stat().st_mtime_ns != before, tuple(notes),
+                       self_check(module))
+
+
+def self_check(module: ModuleType) -> str | None:
+    """None if the kernels' forward passes match the eager modules on a small batch, else
+    which one does not."""
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.randn(4, 1, 8, 8, generator=g)
+    conv = nn.Conv2d(1, 16, 3, padding=1)
+    x = torch.randn(4, 16, 8, 8, generator=g).contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(16, generator=g) + 0.5, torch.randn(16, generator=g)
+
+    def bn(t: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(t, None, None, w, b, training=True)
+
+    with torch.no_grad():
+        pairs = {
+            "bn_relu": (module.bn_relu_forward(x, w, b, 1e-5)[0], F.relu(bn(x))),
+            "bn_pool_relu": (module.bn_pool_relu_forward(x, w, b, 1e-5)[0],
+                             F.relu(F.max_pool2d(bn(x), 2))),
+            "conv_bn_relu": (module.conv_bn_relu_forward(x1, conv.weight, conv.bias, w, b,
+                                                         1e-5)[0], F.relu(bn(conv(x1)))),
+        }
+    for kernel, (got, want) in pairs.items():
+        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
+            return f"{kernel} differs from the eager modules"
+    return None
+
+
+def _params_reason(params: TrainParams, device: torch.device) -> str | None:
+    """Why training with `params` on `device` does not use the kernels, whatever the model."""
+    for excluded, why in ((not params.fused_kernels, "disabled by params"),
+                          (device.type != "cpu", f"device not CPU: {device.type}"),
+                          (params.amp != "none", f"amp {params.amp}"),
+                          (params.compile, "torch.compile"),
                           (not params.channels_last, "needs channels_last")):
         if excluded:
-            return f"off ({why})"
-    return "on" if extension() is not None else f"unavailable ({unavailable_reason()})"
+            return why
+    return None
+
+
+def status(params: TrainParams, device: torch.device, model: nn.Module | None = None) -> str:
+    """'on' if training `model` (when given) with `params` on `device` runs the fused
+    kernels, as `forward` decides at each step (building them on the first call), else
+    'off (<reason>)': the run's `fused_kernels` tag."""
+    why = _params_reason(params, device)
+    if why is None and model is not None:
+        why = _model_reason(model)  # (training mode: train_one_epoch sets it)
+    if why is None and extension() is None:
+        why = f"{BUILD_FAILED}: {unavailable_reason()}"
+    return "on" if why is None else f"off ({why})"
+
+
+def is_fallback(status_: str) -> bool:
+    """Whether `status_` falls back although params ask for the kernels where they apply (a
+    failed build, a model they do not take): worth a warning, unlike a GPU or bf16 run."""
+    return status_.startswith((f"off ({BUILD_FAILED}", f"off ({MODEL_NOT_SUPPORTED}"))
 
 
 def _is_bn(m: nn.Module) -> bool:
@@ -135,20 +333,46 @@ def _hooked(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks)
 
 
-def supports(model: nn.Module) -> bool:
-    """Whether `model` is an MnistCNN as built (conv-BN-ReLU, then conv-BN-pool-ReLU twice,
-    plain modules, no forward hooks), so that `forward` may run its blocks fused."""
+# MnistCNN.features as the kernels take it: position -> (what, test)
+_CONV = ("Conv2d", lambda m: type(m) is nn.Conv2d)
+_BN = ("BatchNorm2d (affine, tracking running stats, with a momentum)", _is_bn)
+_RELU = ("ReLU", lambda m: type(m) is nn.ReLU)
+_POOL = ("MaxPool2d(2, 2)", _is_pool)
+_LAYOUT = (_CONV, _BN, _RELU, _CONV, _BN, _POOL, _RELU, _CONV, _BN, _POOL, _RELU)
+
+
+def unsupported(model: nn.Module) -> str | None:
+    """Why `forward` cannot run `model`'s blocks fused, or None if it is an MnistCNN as built
+    (conv-BN-ReLU, then conv-BN-pool-ReLU twice, plain modules, no forward hooks)."""
     f = getattr(model, "features", None)
-    if (type(model).forward is not MnistCNN.forward or not isinstance(f, nn.Sequential)
-            or len(f) != 11):
-        return False
-    layout = [type(f[i]) is nn.Conv2d for i in (0, 3, 7)]
-    layout += [_is_bn(f[i]) for i in (1, 4, 8)] + [_is_pool(f[i]) for i in (5, 9)]
-    layout += [type(f[i]) is nn.ReLU for i in (2, 6, 10)]
-    hooks = (torch.nn.modules.module._global_forward_hooks
-             or torch.nn.modules.module._global_forward_pre_hooks
-             or any(_hooked(m) for m in (model, f, *f)))
-    return all(layout) and not hooks
+    if type(model).forward is not MnistCNN.forward:
+        return f"{type(model).__name__} has a forward of its own"
+    if not isinstance(f, nn.Sequential) or len(f) != len(_LAYOUT):
+        return f"features is not a Sequential of {len(_LAYOUT)} layers"
+    for i, (what, fits) in enumerate(_LAYOUT):
+        if not fits(f[i]):
+            return f"features.{i} is {f[i]!r}, not a {what}"
+    if (torch.nn.modules.module._global_forward_hooks
+            or torch.nn.modules.module._global_forward_pre_hooks
+            or any(_hooked(m) for m in (model, f, *f))):
+        return "forward hooks"
+    return None
+
+
+def supports(model: nn.Module) -> bool:
+    """Whether `forward` may run `model`'s blocks fused (see `unsupported`)."""
+    return unsupported(model) is None
+
+
+def _model_reason(model: nn.Module) -> str | None:
+    """Why `forward` runs a training `model` on float32 CPU input without the kernels."""
+    why = unsupported(model)
+    if why is not None:
+        return f"{MODEL_NOT_SUPPORTED}: {why}"
+    f = model.features
+    if not all(f[i].weight.is_contiguous(memory_format=torch.channels_last) for i in (3, 7)):
+        return "needs channels_last"  # (then every conv output is channels-last too)
+    return None
 
 
 def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -156,14 +380,13 @@ def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     (`supports`) in the channels-last memory format whose BatchNorm layers are in training
     mode, a float32 CPU input, outside autocast and torch.compile, and a built extension;
     else plainly `model(x)`."""
-    f = getattr(model, "features", None)
-    if not (x.device.type == "cpu" and x.dtype == torch.float32 and supports(model)
-            and all(f[i].weight.is_contiguous(memory_format=torch.channels_last)
-                    for i in (3, 7))  # (then every conv output is channels-last too)
-            and all(f[i].training for i in (1, 4, 8))
+    if not (x.device.type == "cpu" and x.dtype == torch.float32
+            and _model_reason(model) is None
+            and all(model.features[i].training for i in (1, 4, 8))
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
             and extension() is not None):
         return model(x)
+    f = model.features
     if _is_first_conv(f[0]) and not x.requires_grad:
         h = conv_bn_relu(x, f[0], f[1])
     else:

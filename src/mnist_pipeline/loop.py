@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import functools
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -166,7 +167,12 @@ def _step_function(state: TrainState, params: TrainParams, device: torch.device,
     under DistributedDataParallel when there are several ranks."""
     if params.compile:
         return torch.compile(state.model)
-    fused_on = fused.status(params, device) == "on"  # (forward checks the model itself)
+    used = fused.status(params, device, state.model)
+    if fused.is_fallback(used):  # (the one warning: `status` itself does not warn)
+        why = used.removeprefix("off (").removesuffix(")")
+        warnings.warn(f"fused CPU kernels not used ({why}); training with the eager modules "
+                      "(same results up to rounding)", RuntimeWarning, stacklevel=3)
+    fused_on = used == "on"
     if world.backend is not None:
         return wrap(fused.FusedForward(state.model) if fused_on else state.model, world,
                     device)

@@ -20,6 +20,7 @@ from .checkpoint import load_checkpoint, restore, save_checkpoint, save_state_fi
 from .data import SPLITS, load_split
 from .distributed import SINGLE, World, plain_batchnorm
 from .errors import PipelineError
+from .fused import build_name as kernels_build
 from .fused import status as fused_status
 from .io import save_png, write_json
 from .loop import TrainState, build_state, final_model, fit, to_tensor
@@ -33,6 +34,9 @@ from .tracking import NullTracker, TrackingError, file_md5s, params_hash
 Tensors = tuple[torch.Tensor, torch.Tensor]
 EPOCH_METRICS = ("train_loss", "train_accuracy", "lr", "epoch_seconds", "val_loss",
                  "val_accuracy")
+# The run's tags that decide the rounding of its arithmetic, beyond params and data: kept in
+# the checkpoint, so that a resume with other values says so (README.md, "Reproducibility").
+RUNTIME_TAGS = ("device_name", "cpu_threads", "fused_kernels", "fused_kernels_build")
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,13 @@ def prepare_data(params: TrainParams, raw_dir: Path, stats: Mapping[str, Any],
                      *parts["train"], str(raw_dir.resolve()))
 
 
+def runtime_changes(before: Mapping[str, str] | None, now: Mapping[str, str]) -> str:
+    """How the runtime of a resumed run differs from its checkpoint's ('' if it does not, or
+    if the checkpoint does not say), e.g. "cpu_threads 2 -> 1"."""
+    return ", ".join(f"{k} {before[k]} -> {now[k]}" for k in RUNTIME_TAGS
+                     if before and k in before and k in now and before[k] != now[k])
+
+
 def resume_point(path: Path | None, fingerprint: str, print_fn: Callable[[str], None]
                  ) -> dict[str, Any] | None:
     """The checkpoint to resume from, or None (none there, finished, or from other inputs)."""
@@ -132,16 +143,20 @@ def epoch_line(epoch: int, metrics: Mapping[str, float]) -> str:
 
 
 def run_tags(params: TrainParams, data: TrainData, device: torch.device, determinism: str,
-             extra: Mapping[str, str] | None, world: World = SINGLE) -> dict[str, str]:
-    """Provenance of the run: environment, data checksums, params hash, kernels used, the
-    number of processes (threads are per process)."""
+             extra: Mapping[str, str] | None, world: World = SINGLE,
+             model: torch.nn.Module | None = None) -> dict[str, str]:
+    """Provenance of the run: environment, data checksums, params hash, the kernels that
+    train `model` (see fused.status) and their build, the number of processes (threads are
+    per process)."""
+    kernels = fused_status(params, device, model)
     return {
         **environment_tags(device, determinism),
         "world_size": str(world.size),
         "distributed_backend": world.backend or "none",
         **{f"data_md5.{k}": v for k, v in data.md5s.items()},
         "params_hash": params_hash(to_dict(params)),
-        "fused_kernels": fused_status(params, device),
+        "fused_kernels": kernels,
+        "fused_kernels_build": kernels_build() if kernels == "on" else "none",
         **(extra or {}),
     }
 
@@ -175,9 +190,11 @@ def train(
     state: TrainState, params: TrainParams, data: TrainData, tracker: NullTracker,
     outputs: TrainOutputs, fingerprint: str, print_fn: Callable[[str], None],
     on_step: Callable[[], None] | None = None, world: World = SINGLE,
+    runtime: dict[str, str] | None = None,
 ) -> list[dict[str, float]]:
-    """Run the epochs left, checkpointing and logging after each; return the whole history.
-    Every rank calls it; only rank 0's tracker and print_fn do anything."""
+    """Run the epochs left, checkpointing (with the `runtime` record) and logging after each;
+    return the whole history. Every rank calls it; only rank 0's tracker and print_fn do
+    anything."""
     logged = tracker.logged_steps(CURVES + "train_loss")
     for row in state.history:  # epochs finished before a kill but never logged
         if row["epoch"] not in logged:
@@ -189,7 +206,7 @@ def train(
             generators = world.gather(state.augment_generator.get_state())
         if outputs.checkpoint is not None and world.is_main:
             save_checkpoint(outputs.checkpoint, state, tracker.run_id, fingerprint,
-                            rank_generators=generators)
+                            rank_generators=generators, runtime=runtime)
 
     def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
         checkpoint()  # first: a kill after this line loses nothing
@@ -276,13 +293,19 @@ def run_training(
     data = prepare_data(params, raw_dir, stats, device)
     fingerprint = data.fingerprint(params, world.size)
     determinism = configure_determinism(device, params.cuda_deterministic)
-    all_tags = run_tags(params, data, device, determinism, tags, world)
     state = build_state(params, device, len(data.train[0]) // params.batch_size, world)
+    all_tags = run_tags(params, data, device, determinism, tags, world, state.model)
+    runtime = {k: all_tags[k] for k in RUNTIME_TAGS}
     resume = world.broadcast(resume_point(outputs.checkpoint, fingerprint, print_fn)
                              if world.is_main else None)
     if resume is not None:
         restore(state, resume, world.rank)
         print_fn(f"Resuming after epoch {state.epoch} (MLflow run {resume['run_id']})")
+        changed = runtime_changes(resume.get("runtime"), runtime)
+        if changed:
+            all_tags["resumed_with_runtime_change"] = changed
+            print_fn(f"Note: resuming with {changed}: the result can differ in rounding "
+                     "from an uninterrupted run")
     started = time.perf_counter()
     result: dict[str, Any] = {}
     with tracker.run(run_name=None if resume else run_name,
@@ -297,13 +320,13 @@ def run_training(
                                     k: getattr(params, k)
                                     for k in ("train_subset", "val_size", "seed")}})[:8])
         history = train(state, params, data, tracker, outputs, fingerprint, print_fn, on_step,
-                        world)
+                        world, runtime)
         if world.is_main:
             result = publish(state, params, data, tracker, outputs, history,
                              time.perf_counter() - started, print_fn)
             if outputs.checkpoint is not None:
                 save_checkpoint(outputs.checkpoint, state, tracker.run_id, fingerprint,
-                                complete=True)
+                                complete=True, runtime=runtime)
     return result
 
 

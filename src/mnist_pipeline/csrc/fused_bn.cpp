@@ -8,9 +8,9 @@
 // input gradient is written once instead of zero-filled and then scattered.
 //
 // The arithmetic is eager PyTorch's (the same formulas; max-pool's first-maximum rule and
-// NaN propagation); sums are accumulated in double in a fixed number of chunks combined in a
-// fixed order, so results are deterministic for a given thread count and differ from eager
-// only in rounding. The channel loop is compiled for C = 16, 32 and 64 (the model's widths)
+// NaN propagation); sums are accumulated in double over a fixed number of row chunks (the
+// same whatever the thread count) combined in chunk order, so results are bit-identical with
+// any number of threads for a given build and differ from eager only in rounding. The channel loop is compiled for C = 16, 32 and 64 (the model's widths)
 // so that it vectorises, with a generic fallback. mnist_pipeline/fused.py wraps the kernels
 // in autograd Functions.
 #include <torch/extension.h>
@@ -54,9 +54,13 @@ void for_chunks(int64_t rows, int64_t chunks, const F& f) {
   });
 }
 
+// Chunks per sum: enough to balance the load over the threads of most machines, and fixed, not
+// derived from at::get_num_threads(), so that where a chunk starts (and hence every partial
+// sum) does not depend on the thread count.
+constexpr int64_t kChunks = 64;
+
 int64_t chunk_count(int64_t rows) {
-  // 4 chunks per thread balance the load; fixed for a given thread count (determinism).
-  return std::max<int64_t>(1, std::min<int64_t>(4 * at::get_num_threads(), rows));
+  return std::max<int64_t>(1, std::min<int64_t>(kChunks, rows));
 }
 
 // Per-chunk [C] double partials summed in chunk order.
