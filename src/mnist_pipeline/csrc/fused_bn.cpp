@@ -10,8 +10,9 @@
 // The arithmetic is eager PyTorch's (the same formulas; max-pool's first-maximum rule and
 // NaN propagation); sums are accumulated in double over a fixed number of row chunks (the
 // same whatever the thread count) combined in chunk order, so results are bit-identical with
-// any number of threads for a given build and differ from eager only in rounding. The channel loop is compiled for C = 16, 32 and 64 (the model's widths)
-// so that it vectorises, with a generic fallback. mnist_pipeline/fused.py wraps the kernels
+// any number of threads for a given build and differ from eager only in rounding. The channel
+// loop is compiled for C = 16, 32 and 64 (the model's widths) so that it vectorises, with a
+// generic fallback. mnist_pipeline/fused.py wraps the kernels
 // in autograd Functions.
 #include <torch/extension.h>
 
