@@ -283,6 +283,9 @@ def init_postgres(paths: ServerPaths, creds: Credentials, port: int) -> None:
         run_postgres_tool([str(postgres_bin("initdb")), "-D", str(paths.pgdata), "-U", DB_USER,
                            f"--pwfile={pwfile}", "--auth=scram-sha-256", "-E", "UTF8",
                            "--locale=C"], paths, "initdb")
+    except BaseException:
+        shutil.rmtree(paths.pgdata, ignore_errors=True)  # so that the next start begins anew
+        raise
     finally:
         pwfile.unlink(missing_ok=True)
     with open(paths.pgdata / "postgresql.conf", "a") as conf:
@@ -319,8 +322,12 @@ def database_uri(creds: Credentials, port: int, database: str) -> str:
 def create_databases(creds: Credentials, port: int) -> None:
     import psycopg2
 
-    conn = psycopg2.connect(host="127.0.0.1", port=port, user=DB_USER,
-                            password=creds.db_password, dbname="postgres")
+    try:
+        conn = psycopg2.connect(host="127.0.0.1", port=port, user=DB_USER,
+                                password=creds.db_password, dbname="postgres")
+    except psycopg2.OperationalError as exc:
+        raise ServerError(f"cannot log in to PostgreSQL on 127.0.0.1:{port}: "
+                          f"{str(exc).strip().splitlines()[0]}") from None
     try:
         conn.autocommit = True
         with conn.cursor() as cur:
