@@ -56,7 +56,7 @@ def test_user_text_tells_no_development_history():
 
 def test_readme_is_short_and_names_the_quick_start():
     text = (ROOT / "README.md").read_text()
-    assert len(text.splitlines()) <= 220
+    assert len(text.splitlines()) <= 260
     assert "MNIST_MIRROR=/path/to/mnist-gz-folder make repro" in text and "make test" in text
     assert text.count("shared/mnist") == 1
 
