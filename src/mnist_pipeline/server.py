@@ -406,7 +406,7 @@ def start_mlflow(paths: ServerPaths, creds: Credentials, pg_port: int, host: str
     return proc.pid
 
 
-def stop_mlflow(paths: ServerPaths, timeout: float = 30.0) -> bool:
+def stop_mlflow(paths: ServerPaths, timeout: float = 10.0) -> bool:
     """Stop the MLflow server and its workers (SIGTERM, then SIGKILL); False if not running."""
     pid = read_pid(paths.mlflow_pid, "mlflow")
     if pid is None:
