@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: help install repro test test-all lint ui serve exp ensemble accuracy bench bench-ddp report compare clean
+.PHONY: help install repro test test-all lint ui serve exp ensemble accuracy bench bench-ddp report compare server server-stop clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -47,6 +47,13 @@ ui: install ## Open the MLflow UI on the local store (http://127.0.0.1:5000)
 serve: install ## Serve models:/mnist-cnn@champion on http://127.0.0.1:5001/invocations
 	MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/mlruns/mlflow.db mlflow models serve \
 		-m models:/mnist-cnn@champion --env-manager local --host $(HOST) --port 5001
+
+ALLOWED_HOSTS ?=
+server: install ## Start the shared tracking server in .tracking/ (PostgreSQL, login, artifacts); HOST=0.0.0.0 ALLOWED_HOSTS=name for others
+	mnist-pipeline server start --host $(HOST) --port $(PORT) $(if $(ALLOWED_HOSTS),--allowed-hosts $(ALLOWED_HOSTS))
+
+server-stop: ## Stop the shared tracking server
+	mnist-pipeline server stop
 
 SET ?=
 exp: install ## Run a named recipe as a DVC experiment: make exp RECIPE=best-single [SET="-S k=v"]

@@ -200,3 +200,86 @@ def promotions(pipeline, run_info, client):
     cli("unknown_run", "promote", "--run-id", "0123456789abcdef")
     cli("unknown_model", "promote", "--name", "no-such-model", "--version", "1")
     return steps
+
+
+# --- A shared MLflow tracking server on PostgreSQL, started like `mnist-pipeline server` ----
+
+
+def postgres_or_skip() -> None:
+    """Skip, saying why, where the PostgreSQL server programs cannot be had (`.ci/run`
+    installs them on Debian)."""
+    from mnist_pipeline import server
+
+    try:
+        server.postgres_bin("initdb")
+    except server.ServerError as exc:
+        pytest.skip(str(exc))
+    if os.geteuid() == 0 and (shutil.which("runuser") is None or _no_user("postgres")):
+        pytest.skip("running as root, PostgreSQL needs runuser and the user `postgres`")
+
+
+def _no_user(name: str) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return True
+    return False
+
+
+def reachable_tmp_dir(prefix: str) -> Path:
+    """A new folder in the system temp dir that other users can walk through (not list):
+    as root, PostgreSQL runs as `postgres`, which cannot enter pytest's 0700 tmp_path."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o711)
+    return path
+
+
+class TrackingServer:
+    """The session's tracking server: what a client needs, and PostgreSQL's own stop and
+    start for fault tests."""
+
+    def __init__(self, found: Any, paths: Any) -> None:
+        self.uri: str = found.uri
+        self.username: str = found.username
+        self.password: str = found.password
+        self.data_dir: Path = found.data_dir
+        self.artifacts_dir: Path = found.artifacts_dir
+        self.postgres_port: int = found.postgres_port
+        self.mlflow_pid: int = found.mlflow_pid
+        self.paths = paths
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """clean_env() pointed at this server, logged in as the admin."""
+        return clean_env(MLFLOW_TRACKING_URI=self.uri, MLFLOW_TRACKING_USERNAME=self.username,
+                         MLFLOW_TRACKING_PASSWORD=self.password, **extra)
+
+    def stop_postgres(self) -> None:
+        from mnist_pipeline import server
+
+        server.stop_postgres(self.paths)
+
+    def start_postgres(self) -> None:
+        from mnist_pipeline import server
+
+        server.start_postgres(self.paths)
+
+
+@pytest.fixture(scope="session")
+def tracking_server():
+    """`mlflow server` with basic auth and proxied artifacts on a throwaway PostgreSQL, both
+    stopped by PID at the end of the session, whatever happened."""
+    from mnist_pipeline import server
+
+    postgres_or_skip()
+    base = reachable_tmp_dir("mnist-tracking-")
+    root = base / "server"
+    try:
+        found, _ = server.start(root, port=free_port(), postgres_port=free_port(), workers=2)
+        yield TrackingServer(found, server.ServerPaths(root))
+    finally:
+        server.stop(root)
+        shutil.rmtree(base, ignore_errors=True)

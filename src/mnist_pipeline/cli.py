@@ -9,6 +9,7 @@
     mnist-pipeline predict IMAGE... [--model URI] [--json]
     mnist-pipeline plots-page .dvc/offline-plots.html  # `make install` writes it
     mnist-pipeline build-kernels               # compile the fused CPU kernels (make install)
+    mnist-pipeline server [start|status|stop] [--dir .tracking]  # the shared tracking server
 
 The store is $MLFLOW_TRACKING_URI, else ./mlruns (as the pipeline's train stage uses it).
 """
@@ -25,7 +26,7 @@ from typing import Any
 
 from . import registry
 from .errors import PipelineError, run_stage
-from .io import read_json
+from .io import read_json, repo_root
 from .params import load_params
 from .tracking import git_state, resolve_tracking, store_client
 
@@ -192,6 +193,44 @@ def cmd_build_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_server(args: argparse.Namespace) -> int:
+    from . import server
+
+    root = args.dir or repo_root(os.environ, Path.cwd()) / server.DEFAULT_DIR
+    if args.action == "stop":
+        stopped = server.stop(root)
+        print(f"stopped {' and '.join(stopped)} of {root}" if stopped
+              else f"no server of {root} was running")
+        return 0
+    if args.action == "status":
+        lines, up = server.status_report(root)
+        print("\n".join(lines))
+        return 0 if up else 3
+    hosts = [h.strip() for h in (args.allowed_hosts or "").split(",") if h.strip()]
+    found, already = server.start(root, args.host, args.port, hosts, args.postgres_port,
+                                  args.workers)
+    print(server.start_report(found, already))
+    return 0
+
+
+def _add_server(sub: Any) -> None:
+    help_text = ("Start, check or stop the shared MLflow tracking server (PostgreSQL store, "
+                 "basic authentication, proxied artifacts).")
+    p = sub.add_parser("server", help=help_text, description=help_text)
+    p.set_defaults(func=cmd_server)
+    p.add_argument("action", nargs="?", choices=("start", "status", "stop"), default="start")
+    p.add_argument("--dir", type=Path, help="the server's folder (default: ./.tracking)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (0.0.0.0: every interface, with --allowed-hosts)")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--allowed-hosts", metavar="NAMES",
+                   help="comma-separated host names clients use to reach this machine")
+    p.add_argument("--postgres-port", type=int,
+                   help="PostgreSQL's port on 127.0.0.1, fixed on first start (default 5433, "
+                        "else a free one)")
+    p.add_argument("--workers", type=int, default=4, help="MLflow server worker processes")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="mnist-pipeline", description=__doc__.splitlines()[0])
     sub = top.add_subparsers(dest="command", required=True)
@@ -246,12 +285,14 @@ def parser() -> argparse.ArgumentParser:
     help_text = "Compile the fused CPU training kernels now (else the first training does)."
     p = sub.add_parser("build-kernels", help=help_text, description=help_text)
     p.set_defaults(func=cmd_build_kernels, name="")  # (no registered model involved)
+
+    _add_server(sub)
     return top
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    if args.name is None:
+    if getattr(args, "name", "") is None:
         try:
             args.name = load_params(args.params, "train").registered_model
         except PipelineError:

@@ -1,0 +1,528 @@
+"""The shared tracking server: MLflow on a PostgreSQL store, with basic authentication and
+proxied artifacts, everything it keeps in one folder (default `.tracking/`).
+
+    mnist-pipeline server start [--dir PATH] [--host H --port P --allowed-hosts NAMES]
+    mnist-pipeline server status | stop
+
+The folder holds `postgres/` (the cluster), `artifacts/` (what clients upload through the
+server), `credentials.json`, `auth.ini` and `client.env` (secrets, mode 0600), `server.json`
+(the ports), `mlflow.pid` and the two logs. PostgreSQL listens on 127.0.0.1 only, without a
+unix socket, and asks for a password. It refuses to run as root, so as root its programs run
+as the user `postgres`, which must be able to reach the folder. MLflow is started through this
+module's own interpreter; this module does not import mlflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import PipelineError
+
+DEFAULT_DIR = ".tracking"
+DEFAULT_POSTGRES_PORT = 5433
+ADMIN_USERNAME = "admin"
+DB_USER = "mlflow"
+TRACKING_DB = "mlflow"
+AUTH_DB = "mlflow_auth"
+POSTGRES_OS_USER = "postgres"
+LOCAL_HOSTS = ("localhost", "127.0.0.1")
+
+
+class ServerError(PipelineError):
+    """The tracking server cannot be started, reached or stopped."""
+
+
+@dataclass(frozen=True)
+class ServerPaths:
+    """Where the server's folder keeps each thing."""
+
+    root: Path
+
+    @property
+    def pgdata(self) -> Path:
+        return self.root / "postgres"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "artifacts"
+
+    @property
+    def credentials(self) -> Path:
+        return self.root / "credentials.json"
+
+    @property
+    def auth_ini(self) -> Path:
+        return self.root / "auth.ini"
+
+    @property
+    def client_env(self) -> Path:
+        return self.root / "client.env"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "server.json"
+
+    @property
+    def mlflow_pid(self) -> Path:
+        return self.root / "mlflow.pid"
+
+    @property
+    def mlflow_log(self) -> Path:
+        return self.root / "mlflow.log"
+
+    @property
+    def postgres_log(self) -> Path:
+        return self.root / "postgres.log"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    db_password: str
+    admin_password: str
+    flask_secret: str
+    admin_username: str = ADMIN_USERNAME
+
+
+@dataclass(frozen=True)
+class Server:
+    """A running server, as a client sees it."""
+
+    uri: str
+    username: str
+    password: str
+    data_dir: Path
+    artifacts_dir: Path
+    postgres_port: int
+    mlflow_pid: int
+
+    def client_env(self) -> dict[str, str]:
+        return {"MLFLOW_TRACKING_URI": self.uri, "MLFLOW_TRACKING_USERNAME": self.username,
+                "MLFLOW_TRACKING_PASSWORD": self.password}
+
+
+# --- files -----------------------------------------------------------------------------------
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `text` to `path`, readable by its owner only from the first byte on."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o600)  # in case it existed with a wider mode
+    os.replace(tmp, path)
+
+
+def load_credentials(paths: ServerPaths) -> Credentials:
+    """The folder's secrets, generated and stored (0600) on first use."""
+    if paths.credentials.is_file():
+        return Credentials(**json.loads(paths.credentials.read_text()))
+    creds = Credentials(db_password=secrets.token_urlsafe(24),
+                        admin_password=secrets.token_urlsafe(18),
+                        flask_secret=secrets.token_hex(32))
+    write_private(paths.credentials, json.dumps(creds.__dict__, indent=2) + "\n")
+    return creds
+
+
+def read_state(paths: ServerPaths) -> dict:
+    return json.loads(paths.state.read_text()) if paths.state.is_file() else {}
+
+
+def write_state(paths: ServerPaths, **values: object) -> None:
+    paths.state.write_text(json.dumps({**read_state(paths), **values}, indent=2) + "\n")
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    if not path.is_file():
+        return f"({path} is empty)"
+    text = path.read_text(errors="replace").splitlines()[-lines:]
+    return f"last lines of {path}:\n" + "\n".join(f"  {line}" for line in text)
+
+
+# --- processes ---------------------------------------------------------------------------
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie."""
+    if Path("/proc/self/stat").exists():
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_pid(path: Path, expect: str) -> int | None:
+    """The PID in `path` if that process is alive and its command line names `expect`; a
+    stale file (dead or reused PID) is removed."""
+    try:
+        pid = int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    ours = expect.encode() in cmdline.read_bytes() if cmdline.exists() else True
+    if pid_alive(pid) and ours:
+        return pid
+    path.unlink(missing_ok=True)
+    return None
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def healthy(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as response:
+            return response.status == 200
+    except (OSError, ValueError):
+        return False
+
+
+def wait_healthy(url: str, pid: int, log: Path, timeout: float = 180.0) -> None:
+    """Poll `url`/health until it answers; fail with the log's end if `pid` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if healthy(url):
+            return
+        if not pid_alive(pid):
+            raise ServerError(f"the MLflow server exited during start-up; {log_tail(log)}")
+        time.sleep(0.3)
+    raise ServerError(f"the MLflow server did not answer on {url}/health within "
+                      f"{timeout:.0f} s; {log_tail(log)}")
+
+
+# --- PostgreSQL --------------------------------------------------------------------------
+
+
+def postgres_bin(name: str) -> Path:
+    """A PostgreSQL server program: on PATH, else in Debian's /usr/lib/postgresql/*/bin."""
+    found = shutil.which(name)
+    if found:
+        return Path(found)
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"),
+                        key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
+    if candidates:
+        return candidates[-1]
+    raise ServerError(f"PostgreSQL's `{name}` was not found: install the PostgreSQL server "
+                      "(Debian/Ubuntu: apt-get install postgresql; macOS: brew install "
+                      "postgresql)")
+
+
+def as_postgres_owner(cmd: list[str]) -> list[str]:
+    """`cmd`, run as the user `postgres` when this process is root (PostgreSQL refuses root)."""
+    return ["runuser", "-u", POSTGRES_OS_USER, "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+def hand_to_postgres_user(*paths: Path) -> None:
+    """As root: give `paths` to the user `postgres` and check it can reach them."""
+    if os.geteuid() != 0:
+        return
+    try:
+        owner = pwd.getpwnam(POSTGRES_OS_USER)
+    except KeyError:
+        raise ServerError("running as root, PostgreSQL needs the system user `postgres` "
+                          "(created by the postgresql package)") from None
+    for path in paths:
+        os.chown(path, owner.pw_uid, owner.pw_gid)
+    for path in paths:
+        if subprocess.run(as_postgres_owner(["test", "-w", str(path)])).returncode != 0:
+            closed = next((p for p in reversed(path.parents) if not os.stat(p).st_mode & 0o001),
+                          path.parent)
+            raise ServerError(f"the user `postgres` cannot reach {path}: {closed} is closed "
+                              f"to other users. Run `chmod o+x {closed}` or choose a --dir "
+                              "under a folder open to others (e.g. /srv or /tmp)")
+
+
+def run_postgres_tool(cmd: list[str], paths: ServerPaths, what: str) -> None:
+    done = subprocess.run(as_postgres_owner(cmd), capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        detail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        raise ServerError(f"{what} failed: {' '.join(detail)}; {log_tail(paths.postgres_log)}")
+
+
+def init_postgres(paths: ServerPaths, creds: Credentials, port: int) -> None:
+    """A new cluster in `paths.pgdata`: password (scram) logins only, TCP on 127.0.0.1:`port`."""
+    paths.pgdata.mkdir(mode=0o700)
+    paths.postgres_log.touch(mode=0o600)
+    pwfile = paths.root / ".pwfile"
+    write_private(pwfile, creds.db_password + "\n")
+    try:
+        hand_to_postgres_user(paths.pgdata, paths.postgres_log, pwfile)
+        run_postgres_tool([str(postgres_bin("initdb")), "-D", str(paths.pgdata), "-U", DB_USER,
+                           f"--pwfile={pwfile}", "--auth=scram-sha-256", "-E", "UTF8",
+                           "--locale=C"], paths, "initdb")
+    except BaseException:
+        shutil.rmtree(paths.pgdata, ignore_errors=True)  # so that the next start begins anew
+        raise
+    finally:
+        pwfile.unlink(missing_ok=True)
+    with open(paths.pgdata / "postgresql.conf", "a") as conf:
+        conf.write(f"\n# mnist-pipeline server\nlisten_addresses = '127.0.0.1'\nport = {port}\n"
+                   "unix_socket_directories = ''\n")
+
+
+def postgres_pid(paths: ServerPaths) -> int | None:
+    return read_pid(paths.pgdata / "postmaster.pid", "postgres")
+
+
+def start_postgres(paths: ServerPaths) -> None:
+    if postgres_pid(paths) is not None:
+        return
+    run_postgres_tool([str(postgres_bin("pg_ctl")), "-D", str(paths.pgdata), "-l",
+                       str(paths.postgres_log), "-w", "-t", "60", "start"], paths,
+                      "starting PostgreSQL")
+
+
+def stop_postgres(paths: ServerPaths) -> bool:
+    """Stop the cluster (fast shutdown); False if it was not running."""
+    if postgres_pid(paths) is None:
+        return False
+    run_postgres_tool([str(postgres_bin("pg_ctl")), "-D", str(paths.pgdata), "-m", "fast",
+                       "-w", "-t", "60", "stop"], paths, "stopping PostgreSQL")
+    return True
+
+
+def database_uri(creds: Credentials, port: int, database: str) -> str:
+    # an explicit driver: SQLAlchemy 2 maps plain postgresql:// to psycopg 3
+    return f"postgresql+psycopg2://{DB_USER}:{creds.db_password}@127.0.0.1:{port}/{database}"
+
+
+def create_databases(creds: Credentials, port: int) -> None:
+    import psycopg2
+
+    try:
+        conn = psycopg2.connect(host="127.0.0.1", port=port, user=DB_USER,
+                                password=creds.db_password, dbname="postgres")
+    except psycopg2.OperationalError as exc:
+        raise ServerError(f"cannot log in to PostgreSQL on 127.0.0.1:{port}: "
+                          f"{str(exc).strip().splitlines()[0]}") from None
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("SELECT datname FROM pg_database")
+            existing = {row[0] for row in cur.fetchall()}
+            for name in (TRACKING_DB, AUTH_DB):
+                if name not in existing:
+                    cur.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        conn.close()
+
+
+# --- MLflow ------------------------------------------------------------------------------
+
+
+def write_client_files(paths: ServerPaths, creds: Credentials, uri: str, pg_port: int) -> None:
+    """auth.ini (the auth app's config, its users in PostgreSQL) and client.env (0600)."""
+    write_private(paths.auth_ini, (
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = {database_uri(creds, pg_port, AUTH_DB)}\n"
+        f"admin_username = {creds.admin_username}\nadmin_password = {creds.admin_password}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"))
+    write_private(paths.client_env, (
+        f"export MLFLOW_TRACKING_URI={uri}\n"
+        f"export MLFLOW_TRACKING_USERNAME={creds.admin_username}\n"
+        f"export MLFLOW_TRACKING_PASSWORD={creds.admin_password}\n"))
+
+
+def allowed_host_list(names: list[str]) -> str:
+    """MLflow's --allowed-hosts for `names`: each with and without a port, plus localhost
+    (a list given to MLflow replaces its own localhost default)."""
+    hosts = [*names, *LOCAL_HOSTS]
+    return ",".join(h for name in dict.fromkeys(hosts) for h in (name, f"{name}:*"))
+
+
+def mlflow_command(paths: ServerPaths, host: str, port: int, allowed_hosts: list[str],
+                   workers: int) -> list[str]:
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port),
+           "--workers", str(workers), "--app-name", "basic-auth", "--serve-artifacts",
+           "--artifacts-destination", str(paths.artifacts)]
+    return cmd + (["--allowed-hosts", allowed_host_list(allowed_hosts)] if allowed_hosts
+                  else [])
+
+
+def mlflow_env(paths: ServerPaths, creds: Credentials, pg_port: int) -> dict[str, str]:
+    """The server's environment: the store URI stays off the command line (ps shows it)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MLFLOW_BACKEND_STORE_URI=database_uri(creds, pg_port, TRACKING_DB),
+               MLFLOW_AUTH_CONFIG_PATH=str(paths.auth_ini),
+               MLFLOW_FLASK_SERVER_SECRET_KEY=creds.flask_secret)
+    return env
+
+
+def local_url(host: str, port: int) -> str:
+    """Where this machine reaches a server listening on `host`:`port`."""
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
+
+
+def start_mlflow(paths: ServerPaths, creds: Credentials, pg_port: int, host: str, port: int,
+                 allowed_hosts: list[str], workers: int) -> int:
+    """Start `mlflow server` in its own session, logging to mlflow.log; wait for /health."""
+    if not port_free(host, port):
+        raise ServerError(f"port {port} on {host} is in use by another program: choose "
+                          "another with --port")
+    with open(paths.mlflow_log, "ab") as log:
+        proc = subprocess.Popen(mlflow_command(paths, host, port, allowed_hosts, workers),
+                                cwd=paths.root, env=mlflow_env(paths, creds, pg_port),
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True)
+    paths.mlflow_pid.write_text(f"{proc.pid}\n")
+    try:
+        wait_healthy(local_url(host, port), proc.pid, paths.mlflow_log)
+    except ServerError:
+        stop_mlflow(paths)
+        raise
+    return proc.pid
+
+
+def stop_mlflow(paths: ServerPaths, timeout: float = 10.0) -> bool:
+    """Stop the MLflow server and its workers (SIGTERM, then SIGKILL); False if not running."""
+    pid = read_pid(paths.mlflow_pid, "mlflow")
+    if pid is None:
+        return False
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not pid_alive(pid):
+            break
+    paths.mlflow_pid.unlink(missing_ok=True)
+    return True
+
+
+# --- the commands ------------------------------------------------------------------------
+
+
+def describe(paths: ServerPaths, creds: Credentials, pid: int) -> Server:
+    state = read_state(paths)
+    return Server(uri=local_url(state["host"], state["port"]), username=creds.admin_username,
+                  password=creds.admin_password, data_dir=paths.root,
+                  artifacts_dir=paths.artifacts, postgres_port=state["postgres_port"],
+                  mlflow_pid=pid)
+
+
+def running(paths: ServerPaths) -> Server | None:
+    """The server started from this folder, if it is up and answers."""
+    pid = read_pid(paths.mlflow_pid, "mlflow")
+    state = read_state(paths)
+    if pid is None or "port" not in state:
+        return None
+    if not healthy(local_url(state["host"], state["port"])):
+        raise ServerError(f"the MLflow server of {paths.root} (pid {pid}) is running but does "
+                          "not answer; see "
+                          f"{paths.mlflow_log}, or stop it: mnist-pipeline server stop")
+    return describe(paths, load_credentials(paths), pid)
+
+
+def start(root: Path, host: str = "127.0.0.1", port: int = 5000,
+          allowed_hosts: list[str] | None = None, postgres_port: int | None = None,
+          workers: int = 4) -> tuple[Server, bool]:
+    """Start PostgreSQL and MLflow for the folder `root` (created on first use).
+    Returns the server and whether it was already running."""
+    paths = ServerPaths(Path(root).resolve())
+    found = running(paths) if paths.root.is_dir() else None
+    if found is not None:
+        return found, True
+    paths.root.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        paths.root.chmod(0o711)  # the user postgres walks through to postgres/
+    creds = load_credentials(paths)
+    if not (paths.pgdata / "PG_VERSION").is_file():
+        if paths.pgdata.exists():
+            raise ServerError(f"{paths.pgdata} exists but holds no PostgreSQL cluster: move "
+                              "it away or choose another --dir")
+        pg_port = postgres_port or (DEFAULT_POSTGRES_PORT if port_free(
+            "127.0.0.1", DEFAULT_POSTGRES_PORT) else free_port())
+        init_postgres(paths, creds, pg_port)
+        write_state(paths, postgres_port=pg_port)
+    pg_port = read_state(paths).get("postgres_port")
+    if pg_port is None:
+        raise ServerError(f"{paths.state} is missing its postgres_port: write the port set in "
+                          f"{paths.pgdata / 'postgresql.conf'} there as \"postgres_port\"")
+    start_postgres(paths)
+    create_databases(creds, pg_port)
+    paths.artifacts.mkdir(exist_ok=True)
+    write_client_files(paths, creds, local_url(host, port), pg_port)
+    write_state(paths, host=host, port=port, allowed_hosts=allowed_hosts or [])
+    pid = start_mlflow(paths, creds, pg_port, host, port, allowed_hosts or [], workers)
+    return describe(paths, creds, pid), False
+
+
+def stop(root: Path) -> list[str]:
+    """Stop MLflow, then PostgreSQL; the names of what was running."""
+    paths = ServerPaths(Path(root).resolve())
+    stopped = ["MLflow"] if stop_mlflow(paths) else []
+    if (paths.pgdata / "PG_VERSION").is_file() and stop_postgres(paths):
+        stopped.append("PostgreSQL")
+    return stopped
+
+
+def status(root: Path) -> dict[str, object]:
+    """What runs for the folder `root`: PIDs, URL, whether MLflow answers."""
+    paths = ServerPaths(Path(root).resolve())
+    state = read_state(paths)
+    mlflow_pid = read_pid(paths.mlflow_pid, "mlflow")
+    url = local_url(state["host"], state["port"]) if "port" in state else None
+    return {"mlflow_pid": mlflow_pid, "postgres_pid": postgres_pid(paths), "url": url,
+            "postgres_port": state.get("postgres_port"),
+            "healthy": bool(mlflow_pid and url and healthy(url))}
+
+
+def status_report(root: Path) -> tuple[list[str], bool]:
+    """Two lines on what runs for `root`, and whether both run and MLflow answers."""
+    state = status(root)
+    mlflow = f"running, pid {state['mlflow_pid']}" if state["mlflow_pid"] else "stopped"
+    if state["healthy"]:
+        mlflow += f", answers on {state['url']}"
+    postgres = f"running, pid {state['postgres_pid']}" if state["postgres_pid"] else "stopped"
+    if state["postgres_port"]:
+        postgres += f", 127.0.0.1:{state['postgres_port']}"
+    return [f"MLflow:     {mlflow}", f"PostgreSQL: {postgres}"], bool(
+        state["healthy"] and state["postgres_pid"])
+
+
+def start_report(found: Server, already: bool) -> str:
+    """What `server start` prints: where the server is and how a shell uses it."""
+    return (f"{'Already running' if already else 'Started'}: MLflow tracking server "
+            f"{found.uri} (pid {found.mlflow_pid}), PostgreSQL on 127.0.0.1:"
+            f"{found.postgres_port}, artifacts in {found.artifacts_dir}\n"
+            f"Use it from a shell:  source {found.data_dir / 'client.env'}\n"
+            f"  (exports MLFLOW_TRACKING_URI={found.uri} MLFLOW_TRACKING_USERNAME="
+            f"{found.username} and MLFLOW_TRACKING_PASSWORD, which is also in "
+            f"{found.data_dir / 'credentials.json'})\n"
+            "Stop it: mnist-pipeline server stop")

@@ -1,0 +1,198 @@
+"""The shared tracking server (`mnist-pipeline server`): a real PostgreSQL and `mlflow server`
+with basic authentication and proxied artifacts. The command itself, then what it serves:
+logins and permissions, host checking, concurrent clients, artifacts through the server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import requests
+
+from mnist_pipeline import server
+
+from .conftest import CLI, clean_env, free_port, postgres_or_skip, reachable_tmp_dir, run
+
+pytestmark = pytest.mark.e2e
+
+SEARCH = "/api/2.0/mlflow/experiments/search?max_results=1"
+LOAD_SECONDS = 30
+LOAD_CLIENTS = 4
+
+
+@pytest.fixture
+def as_admin(tracking_server, monkeypatch):
+    """This process's MLflow clients log in to the session's server as its admin."""
+    for key, value in tracking_server.env().items():
+        if key.startswith("MLFLOW_"):
+            monkeypatch.setenv(key, value)
+    return tracking_server
+
+
+def test_command_starts_finds_and_stops_the_server():
+    postgres_or_skip()
+    base = reachable_tmp_dir("mnist-server-cmd-")
+    folder = base / "tracking"
+    env = clean_env()
+    args = ["--dir", str(folder), "--port", str(free_port()), "--postgres-port",
+            str(free_port()), "--workers", "1"]
+    try:
+        first = run([CLI, "server", "start", *args], base, env, timeout=240)
+        assert "Started: MLflow tracking server http://127.0.0.1:" in first.stdout
+        assert f"source {folder / 'client.env'}" in first.stdout
+        secrets = folder / "credentials.json"
+        for private in (secrets, folder / "client.env", folder / "auth.ini"):
+            assert stat.S_IMODE(private.stat().st_mode) == 0o600, private
+        password = json.loads(secrets.read_text())["admin_password"]
+        assert len(password) >= 12
+        assert password not in first.stdout
+        mlflow_pid = int((folder / "mlflow.pid").read_text())
+        postgres_pid = int((folder / "postgres" / "postmaster.pid").read_text().split()[0])
+
+        again = run([CLI, "server", "start", *args], base, env, timeout=60)
+        assert "Already running: MLflow tracking server" in again.stdout
+        assert f"(pid {mlflow_pid})" in again.stdout
+        up = run([CLI, "server", "status", "--dir", str(folder)], base, env)
+        assert f"running, pid {mlflow_pid}, answers on http://" in up.stdout
+        assert f"running, pid {postgres_pid}" in up.stdout
+
+        stopped = run([CLI, "server", "stop", "--dir", str(folder)], base, env, timeout=120)
+        assert "stopped MLflow and PostgreSQL" in stopped.stdout
+        assert not server.pid_alive(mlflow_pid) and not server.pid_alive(postgres_pid)
+        down = run([CLI, "server", "status", "--dir", str(folder)], base, env, check=False)
+        assert down.returncode == 3 and down.stdout.count("stopped") == 2
+
+        (folder / "mlflow.pid").write_text(f"{mlflow_pid}\n")  # stale: that process is gone
+        stale = run([CLI, "server", "stop", "--dir", str(folder)], base, env)
+        assert "no server" in stale.stdout and not (folder / "mlflow.pid").exists()
+    finally:
+        server.stop(folder)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_requests_without_a_valid_login_are_refused(tracking_server):
+    assert requests.get(tracking_server.uri + SEARCH, timeout=30).status_code == 401
+    wrong = requests.get(tracking_server.uri + SEARCH, timeout=30,
+                         auth=(tracking_server.username, tracking_server.password + "x"))
+    assert wrong.status_code == 401
+    right = requests.get(tracking_server.uri + SEARCH, timeout=30,
+                         auth=(tracking_server.username, tracking_server.password))
+    assert right.status_code == 200
+    assert requests.get(tracking_server.uri + "/health", timeout=30).status_code == 200
+
+
+def test_a_foreign_host_header_is_refused(tracking_server):
+    admin = (tracking_server.username, tracking_server.password)
+    forged = requests.get(tracking_server.uri + SEARCH, timeout=30, auth=admin,
+                          headers={"Host": "evil.example"})
+    assert forged.status_code in (400, 403)
+    assert "experiments" not in forged.text
+
+
+def test_a_reader_cannot_move_an_alias_the_admin_can(as_admin, tmp_path):
+    from mlflow import MlflowClient
+    from mlflow.server import get_app_client
+
+    client = MlflowClient(as_admin.uri)
+    name = "guarded-model"
+    experiment = client.create_experiment("alias-permissions")
+    run_id = client.create_run(experiment).info.run_id
+    (tmp_path / "weights.txt").write_text("weights")
+    client.log_artifact(run_id, str(tmp_path / "weights.txt"), "model")
+    client.create_registered_model(name)
+    version = client.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id)
+
+    users = get_app_client("basic-auth", tracking_uri=as_admin.uri)
+    users.create_user("reader", "reader-password-1")
+    users.grant_user_permission("reader", "registered_model", name, "READ")
+
+    body = {"name": name, "alias": "champion", "version": version.version}
+    url = as_admin.uri + "/api/2.0/mlflow/registered-models/alias"
+    reader = ("reader", "reader-password-1")
+    seen = requests.get(as_admin.uri + "/api/2.0/mlflow/registered-models/get",
+                        params={"name": name}, auth=reader, timeout=30)
+    assert seen.status_code == 200
+    assert requests.post(url, json=body, auth=reader, timeout=30).status_code == 403
+    assert client.get_registered_model(name).aliases == {}
+    admin = (as_admin.username, as_admin.password)
+    assert requests.post(url, json=body, auth=admin, timeout=30).status_code == 200
+    assert client.get_registered_model(name).aliases == {"champion": version.version}
+
+
+LOAD_CLIENT = textwrap.dedent("""
+    import json, sys, time
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient()
+    run_id = client.create_run(sys.argv[3]).info.run_id
+    print("ready", flush=True)
+    sys.stdin.readline()
+    worker, deadline, step = int(sys.argv[1]), time.monotonic() + float(sys.argv[2]), 0
+    while time.monotonic() < deadline and step < 100000:
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric("load/value", worker * 1e6 + step, now, step),
+                                          Metric("load/step", float(step), now, step)])
+        step += 1
+    client.set_terminated(run_id)
+    print(json.dumps({"run_id": run_id, "sent": step}), flush=True)
+""")
+
+
+def test_concurrent_clients_lose_no_metric(as_admin):
+    from mlflow import MlflowClient
+
+    env = as_admin.env()
+    client = MlflowClient(as_admin.uri)
+    experiment = client.create_experiment("load")
+    procs = [subprocess.Popen([sys.executable, "-c", LOAD_CLIENT, str(worker),
+                               str(LOAD_SECONDS), experiment], env=env, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+             for worker in range(LOAD_CLIENTS)]
+    try:
+        for proc in procs:  # all connected and holding a run before any starts logging
+            assert proc.stdout.readline().strip() == "ready", proc.communicate()
+        for proc in procs:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        results = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=LOAD_SECONDS + 120)
+            assert proc.returncode == 0, err[-3000:]
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+
+    for worker, result in enumerate(results):
+        assert result["sent"] > 10, result  # the clients really ran
+        history = client.get_metric_history(result["run_id"], "load/value")
+        assert sorted(m.step for m in history) == list(range(result["sent"]))
+        assert {m.value for m in history} == {worker * 1e6 + s for s in range(result["sent"])}
+        assert len(client.get_metric_history(result["run_id"], "load/step")) == result["sent"]
+
+
+def test_artifacts_go_through_the_server(as_admin, tmp_path):
+    from mnist_pipeline.tracking import MlflowTracker
+
+    report = tmp_path / "report.json"
+    report.write_text('{"accuracy": 0.99}')
+    tracker = MlflowTracker(as_admin.uri, "proxied-artifacts")
+    with tracker.run(run_name="artifact-proxy"):
+        tracker.log_artifact(report, "reports")
+    run = tracker.client().get_run(tracker.run_id)
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:/")
+    stored = list(as_admin.artifacts_dir.rglob("reports/report.json"))
+    assert len(stored) == 1 and stored[0].read_text() == report.read_text()
+    assert tracker.run_id in str(stored[0])
+    fetched = tracker.client().download_artifacts(tracker.run_id, "reports/report.json",
+                                                  str(tmp_path / "back"))
+    assert Path(fetched).read_text() == report.read_text()
