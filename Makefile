@@ -8,10 +8,10 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: help install repro test test-all lint ui serve exp ensemble accuracy bench bench-ddp report compare server server-stop clean
+.PHONY: help install repro test test-all lint ui serve exp sweep ensemble accuracy bench bench-ddp report compare server server-stop clean
 
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 install: $(STAMP) $(PLOTS_PAGE) ## Create .venv with every pinned dependency (quick when already done)
 
@@ -45,7 +45,7 @@ ui: install ## Open the MLflow UI on the local store (http://127.0.0.1:5000)
 		--default-artifact-root $(CURDIR)/mlruns/artifacts --host $(HOST) --port $(PORT)
 
 serve: install ## Serve models:/mnist-cnn@champion on http://127.0.0.1:5001/invocations
-	MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/mlruns/mlflow.db mlflow models serve \
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db} mlflow models serve \
 		-m models:/mnist-cnn@champion --env-manager local --host $(HOST) --port 5001
 
 ALLOWED_HOSTS ?=
@@ -59,6 +59,14 @@ SET ?=
 exp: install ## Run a named recipe as a DVC experiment: make exp RECIPE=best-single [SET="-S k=v"]
 	flags=$$($(PY) -m mnist_pipeline.recipes recipes/$(RECIPE).yaml) || exit 1; \
 	dvc exp run -n $(RECIPE)-$$(date +%H%M%S) $$flags $(SET)
+
+SWEEP ?= -S 'train.lr=0.001,0.003'
+JOBS ?= 2
+sweep: install ## Queue an experiment per value of SWEEP (-S 'k=a,b') and run JOBS at a time
+	dvc exp run --queue $(SWEEP)
+	dvc queue start -j $(JOBS)
+	while dvc queue status | grep -qE ' (Queued|Running) '; do sleep 10; done
+	dvc queue status; ! dvc queue status | grep -q ' Failed '
 
 # The metrics and params that differ between experiments; not the dependencies' hashes.
 COMPARE := --only-changed --drop 'Created|.*/.*|duration_seconds|train_accuracy|epochs'

@@ -28,11 +28,15 @@ from . import registry
 from .errors import PipelineError, run_stage
 from .io import read_json, repo_root
 from .params import load_params
-from .tracking import git_state, resolve_tracking, store_client
+from .tracking import check_same_store, git_state, resolve_tracking, store_client
+
+
+def _store() -> str:
+    return resolve_tracking(os.environ, Path.cwd())[0]
 
 
 def _client(args: argparse.Namespace) -> Any:
-    return store_client(resolve_tracking(os.environ, Path.cwd())[0])
+    return store_client(_store())
 
 
 def _provenance() -> dict[str, str]:
@@ -48,6 +52,7 @@ def _candidate(client: Any, args: argparse.Namespace, name: str) -> Any:
             raise PipelineError(f"{args.run_info} not found: run the pipeline first, or name "
                                 "a --version or --run-id")
         info = read_json(args.run_info)
+        check_same_store(info.get("tracking_uri"), _store(), str(args.run_info))
         if info.get("version") is not None and info.get("registered_model") == name:
             return registry.get_version(client, name, info["version"])
         run_id = info.get("run_id")

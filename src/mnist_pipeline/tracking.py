@@ -14,6 +14,7 @@ import json
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -39,11 +40,14 @@ def resolve_tracking(env: Mapping[str, str], cwd: str | Path) -> tuple[str, str 
 
 
 def store_client(uri: str) -> Any:
-    """An MlflowClient on the store at `uri`, also made the default store of this process (for
-    `models:/` URIs loaded through mlflow.pyfunc)."""
+    """An MlflowClient on the store at `uri` (a server is checked first: reachable, login
+    accepted), also made the default store of this process (for `models:/` URIs loaded
+    through mlflow.pyfunc)."""
     import mlflow
     from mlflow import MlflowClient
 
+    if uri.startswith(("http://", "https://")):
+        MlflowTracker(uri, "").check()
     mlflow.set_tracking_uri(uri)
     return MlflowClient(tracking_uri=uri)
 
@@ -73,6 +77,46 @@ def file_md5s(paths: list[Path]) -> dict[str, str]:
 
 def params_hash(params: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_login(uri: str, timeout: float = 5.0) -> None:
+    """Fail, in one line naming the URI and the variables, when the server at `uri` refuses
+    the login MLflow sends (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, or none)."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    creds = get_default_host_creds(uri)
+    try:
+        response = http_request(creds, "/api/2.0/mlflow/experiments/search", "GET",
+                                params={"max_results": 1}, max_retries=0, timeout=timeout)
+    except Exception as exc:
+        raise TrackingError(f"the MLflow tracking server {uri} did not answer a query "
+                            f"({type(exc).__name__})") from None
+    if response.status_code in (401, 403):
+        given = "no login was given" if not creds.username else f"user {creds.username!r}"
+        raise TrackingError(
+            f"the MLflow tracking server {uri} refused the login (HTTP {response.status_code}; "
+            f"{given}): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an "
+            "account of that server")
+
+
+def store_name(uri: str) -> str:
+    """`uri` as recorded with a registered version: without a password, if one is in it."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def check_same_store(recorded: str | None, current: str, what: str) -> None:
+    """Refuse to use `what` (a run's record of its registered version) in another store than
+    the one it was registered in: version N there is not version N here."""
+    if recorded is not None and store_name(recorded) != store_name(current):
+        raise TrackingError(
+            f"{what} names a model registered in {store_name(recorded)}, but the tracking "
+            f"store is now {store_name(current)}: set MLFLOW_TRACKING_URI={store_name(recorded)}"
+            ", or run train again")
 
 
 class NullTracker:
@@ -135,6 +179,7 @@ class MlflowTracker(NullTracker):
                     f"the MLflow tracking server {self.uri} is unreachable ({reason}). Start "
                     "it, point MLFLOW_TRACKING_URI at a running one, or unset it to use ./mlruns."
                 ) from None
+            check_login(self.uri, timeout)
         elif self._sqlite_path() is not None:
             folder = self._sqlite_path().parent
             try:
@@ -226,6 +271,7 @@ class MlflowTracker(NullTracker):
         """Log to an existing run (e.g. evaluation results to the training run)."""
         import mlflow
 
+        self.check()
         mlflow.set_tracking_uri(self.uri)  # for model loading through the registry too
         try:
             self.client().get_run(run_id)

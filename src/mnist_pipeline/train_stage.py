@@ -29,7 +29,7 @@ from .model import MnistCNN
 from .params import TrainParams, to_dict
 from .registry import deployable, log_and_register
 from .runtime import configure_determinism, environment_tags
-from .tracking import NullTracker, TrackingError, file_md5s, params_hash
+from .tracking import NullTracker, TrackingError, file_md5s, params_hash, store_name
 
 Tensors = tuple[torch.Tensor, torch.Tensor]
 EPOCH_METRICS = ("train_loss", "train_accuracy", "lr", "epoch_seconds", "val_loss",
@@ -246,7 +246,8 @@ def register(net: torch.nn.Module, params: TrainParams, data: TrainData,
             "tracking store is back to log and register without training again."
         ) from None
     return {"model_uri": registered.model_uri, "registered_model": registered.registered_model,
-            "version": registered.version, "registry_uri": registered.registry_uri}
+            "version": registered.version, "registry_uri": registered.registry_uri,
+            "tracking_uri": store_name(getattr(tracker, "uri", ""))}
 
 
 def publish(
