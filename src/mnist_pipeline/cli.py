@@ -10,6 +10,7 @@
     mnist-pipeline plots-page .dvc/offline-plots.html  # `make install` writes it
     mnist-pipeline build-kernels               # compile the fused CPU kernels (make install)
     mnist-pipeline server [start|status|stop] [--dir .tracking]  # the shared tracking server
+    mnist-pipeline migrate --from sqlite:///mlruns/mlflow.db   # a local store into the server
 
 The store is $MLFLOW_TRACKING_URI, else ./mlruns (as the pipeline's train stage uses it).
 """
@@ -218,6 +219,27 @@ def cmd_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from .migrate import check_stores, migrate
+
+    target, artifacts = resolve_tracking(os.environ, Path.cwd())
+    source = check_stores(args.source, target)
+    summary = migrate(source, target, artifacts)
+    for note in summary.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"{source} -> {target}: {summary.line()}")
+    return 0
+
+
+def _add_migrate(sub: Any) -> None:
+    help_text = ("Copy a local MLflow store (runs, artifacts, logged and registered models, "
+                 "aliases) into $MLFLOW_TRACKING_URI; what an earlier copy brought is skipped.")
+    p = sub.add_parser("migrate", help=help_text, description=help_text)
+    p.set_defaults(func=cmd_migrate, name="")  # (no registered model involved)
+    p.add_argument("--from", dest="source", required=True, metavar="URI",
+                   help="the store to copy: sqlite:///path/to/mlruns/mlflow.db")
+
+
 def _add_server(sub: Any) -> None:
     help_text = ("Start, check or stop the shared MLflow tracking server (PostgreSQL store, "
                  "basic authentication, proxied artifacts).")
@@ -292,6 +314,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_build_kernels, name="")  # (no registered model involved)
 
     _add_server(sub)
+    _add_migrate(sub)
     return top
 
 
