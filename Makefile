@@ -63,10 +63,12 @@ exp: install ## Run a named recipe as a DVC experiment: make exp RECIPE=best-sin
 SWEEP ?= -S 'train.lr=0.001,0.003'
 JOBS ?= 2
 sweep: install ## Queue an experiment per value of SWEEP (-S 'k=a,b') and run JOBS at a time
-	dvc exp run --queue $(SWEEP)
-	dvc queue start -j $(JOBS)
-	while dvc queue status | grep -qE ' (Queued|Running) '; do sleep 10; done
-	dvc queue status; ! dvc queue status | grep -q ' Failed '
+	failed=$$(dvc queue status | grep -cE ' Failed *$$'); \
+	dvc exp run --queue $(SWEEP) && dvc queue start -j $(JOBS) || exit 1; \
+	while dvc queue status | grep -qE ' (Queued|Running) *$$'; do sleep 10; done; \
+	dvc queue status; \
+	test "$$(dvc queue status | grep -cE ' Failed *$$')" = "$$failed" || \
+	{ echo "some experiments failed: dvc queue logs NAME"; exit 1; }
 
 # The metrics and params that differ between experiments; not the dependencies' hashes.
 COMPARE := --only-changed --drop 'Created|.*/.*|duration_seconds|train_accuracy|epochs'

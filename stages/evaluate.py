@@ -18,8 +18,9 @@ from mnist_pipeline.errors import PipelineError, run_stage
 from mnist_pipeline.evaluate_stage import EvaluateOutputs, run_evaluation
 from mnist_pipeline.io import read_json
 from mnist_pipeline.params import load_params
+from mnist_pipeline.registry import check_run_info
 from mnist_pipeline.runtime import tune_cpu_allocator
-from mnist_pipeline.tracking import MlflowTracker, check_same_store, resolve_tracking
+from mnist_pipeline.tracking import MlflowTracker, resolve_tracking
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,8 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     if not run_info.get("registry_uri"):
         raise PipelineError(f"{args.run_info} names no registered model: was train tracked?")
     uri, _ = resolve_tracking(os.environ, Path.cwd())
-    check_same_store(run_info.get("tracking_uri"), uri, str(args.run_info))
     tracker = MlflowTracker(uri, experiment="")
+    tracker.check()
+    check_run_info(tracker.client(), run_info, uri, str(args.run_info))
     outputs = EvaluateOutputs(args.metrics, args.report, args.confusion, args.misclassified,
                               args.confusion_png)
     tune_cpu_allocator()  # faster CPU inference, same numbers

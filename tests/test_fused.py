@@ -340,7 +340,7 @@ def test_without_a_build_training_falls_back_with_one_warning(cause, monkeypatch
         telling = "deliberately broken"
     else:
         monkeypatch.setenv("CXX", "/nonexistent")
-        telling = "/nonexistent: not found"
+        telling = "/nonexistent"  # (the shell's words for it vary)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "builds"))
     fused.extension.cache_clear()
     try:
@@ -481,9 +481,9 @@ def test_build_kernels_after_a_build_killed_mid_compile(tmp_path):
     assert again.returncode == 0 and "(cached build)" in again.stdout and not again.stderr
     failed = _cli("build-kernels", env={**env, "CXX": "/nonexistent"})
     assert failed.returncode == 1 and failed.stdout == ""
-    assert failed.stderr == ("error: the fused CPU kernels cannot be built (RuntimeError: "
-                             "/bin/sh: 1: /nonexistent: not found); training will use the "
-                             "eager modules\n")
+    assert failed.stderr.startswith("error: the fused CPU kernels cannot be built ")
+    assert "/nonexistent" in failed.stderr and len(failed.stderr.splitlines()) == 1
+    assert failed.stderr.endswith("; training will use the eager modules\n")
 
 
 @pytest.mark.parametrize("how", ["held", "marker"])

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from mnist_pipeline import fused
 from mnist_pipeline.io import read_json
 from mnist_pipeline.loop import build_state, fit, to_tensor
 from mnist_pipeline.params import TrainParams
@@ -145,7 +146,8 @@ def test_a_resume_with_another_thread_count_is_noted(raw_dir, tmp_path):
             run_training(SMALL, raw_dir, stats, out, torch.device("cpu"), NullTracker(),
                          print_fn=lambda line: None, on_step=stop_in_epoch_two)
         runtime = torch.load(out.checkpoint, weights_only=True)["runtime"]
-        assert runtime["cpu_threads"] == "2" and runtime["fused_kernels"] == "on"
+        assert runtime["cpu_threads"] == "2"
+        assert runtime["fused_kernels"] == fused.status(SMALL, torch.device("cpu"))
         torch.set_num_threads(1)
         run_training(SMALL, raw_dir, stats, out, torch.device("cpu"), Tags(),
                      print_fn=lines.append)

@@ -29,7 +29,7 @@ from . import registry
 from .errors import PipelineError, run_stage
 from .io import read_json, repo_root
 from .params import load_params
-from .tracking import check_same_store, git_state, resolve_tracking, store_client
+from .tracking import git_state, resolve_tracking, store_client
 
 
 def _store() -> str:
@@ -53,7 +53,8 @@ def _candidate(client: Any, args: argparse.Namespace, name: str) -> Any:
             raise PipelineError(f"{args.run_info} not found: run the pipeline first, or name "
                                 "a --version or --run-id")
         info = read_json(args.run_info)
-        check_same_store(info.get("tracking_uri"), _store(), str(args.run_info))
+        if info.get("registered_model") == name:
+            registry.check_run_info(client, info, _store(), str(args.run_info))
         if info.get("version") is not None and info.get("registered_model") == name:
             return registry.get_version(client, name, info["version"])
         run_id = info.get("run_id")
@@ -224,6 +225,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     target, artifacts = resolve_tracking(os.environ, Path.cwd())
     source = check_stores(args.source, target)
+    store_client(target)  # a server: reachable, login accepted (else one line, now)
     summary = migrate(source, target, artifacts)
     for note in summary.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -305,8 +307,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model URI (default: models:/<name>@<alias>)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
 
-    p = add("plots-page", cmd_plots_page,
-            "Write a `dvc plots show` page template that draws the vega plots offline.")
+    help_text = "Write a `dvc plots show` page template that draws the vega plots offline."
+    p = sub.add_parser("plots-page", help=help_text, description=help_text)
+    p.set_defaults(func=cmd_plots_page, name="")  # (no registered model involved)
     p.add_argument("output", type=Path, help="the template to write")
 
     help_text = "Compile the fused CPU training kernels now (else the first training does)."

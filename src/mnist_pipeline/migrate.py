@@ -119,6 +119,10 @@ def migrate(source: str, target: str, artifact_location: str | None = None) -> S
             for model in pages(lambda page_token: src.search_registered_models(
                     page_token=page_token)):
                 copy_registered_model(src, dst, model, run_map, model_map, summary)
+    except mlflow.exceptions.MlflowException as exc:  # the target went away, refused a write
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise MigrationError(f"copying into {target} stopped ({first}); what was copied "
+                             "stays, and running the command again copies the rest") from None
     finally:
         mlflow.set_tracking_uri(previous)
     return summary

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
 import io
 import tarfile
 import urllib.request
@@ -81,10 +82,10 @@ def script_text(tarball: bytes, script: Script) -> str:
     matches."""
     check_integrity(tarball, script.integrity)
     with tarfile.open(fileobj=io.BytesIO(tarball), mode="r:gz") as archive:
-        member = archive.extractfile(f"package/{script.member}")
-        if member is None:
-            raise PlotsPageError(f"{script.package}: no {script.member} in its package")
-        text = member.read().decode()
+        try:
+            text = archive.extractfile(f"package/{script.member}").read().decode()
+        except (KeyError, AttributeError):  # absent, or not a file
+            raise PlotsPageError(f"{script.package}: no {script.member} in its package") from None
     if "</script" in text.lower():
         raise PlotsPageError(f"{script.package}: cannot be inlined (contains </script)")
     return text
@@ -103,7 +104,7 @@ def fetch(script: Script, registry: str = REGISTRY, timeout: float = 60) -> byte
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             return response.read()
-    except OSError as exc:
+    except (OSError, http.client.HTTPException) as exc:
         raise PlotsPageError(f"cannot fetch {url}: {exc}") from None
 
 

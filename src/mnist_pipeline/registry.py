@@ -164,6 +164,30 @@ def _registered(client: Any, name: str) -> Any:
         raise RegistryError(f"no registered model named {name!r} in this store") from None
 
 
+def check_run_info(client: Any, info: dict[str, Any], store: str, what: str) -> None:
+    """Refuse `what` (a run's record of the version it registered: models/run.json) unless,
+    in the store at `store`, that version is the one its run registered: version N of
+    another store is another model. Run ids are unique, so this holds whatever URI reaches
+    the store (127.0.0.1 on the server's machine, a host name elsewhere)."""
+    from mlflow.exceptions import MlflowException
+
+    name, version, run_id = info.get("registered_model"), info.get("version"), info.get("run_id")
+    if name is None or version is None:
+        return
+    try:
+        here = client.get_model_version(name, str(version)).run_id
+    except MlflowException:
+        here = None
+    if here != run_id:
+        where = info.get("tracking_uri") or "another store"
+        found = ("has no such version" if here is None
+                 else f"has a version {version} from run {here}")
+        raise RegistryError(
+            f"{what} names version {version} of {name!r}, registered by run {run_id} in "
+            f"{where}; the store {store} {found}. Point MLFLOW_TRACKING_URI at {where}, or run "
+            "train again")
+
+
 def versions_of_experiments(client: Any, name: str, experiments: list[str]) -> list[int]:
     """The version of `name` that each DVC experiment registered (found through its run's
     DVC_EXP_NAME tag), in the order given; exactly one per experiment."""

@@ -392,7 +392,8 @@ def start_mlflow(paths: ServerPaths, creds: Credentials, pg_port: int, host: str
     if not port_free(host, port):
         raise ServerError(f"port {port} on {host} is in use by another program: choose "
                           "another with --port")
-    with open(paths.mlflow_log, "ab") as log:
+    with open(os.open(paths.mlflow_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
+              "ab") as log:
         proc = subprocess.Popen(mlflow_command(paths, host, port, allowed_hosts, workers),
                                 cwd=paths.root, env=mlflow_env(paths, creds, pg_port),
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
@@ -458,7 +459,7 @@ def start(root: Path, host: str = "127.0.0.1", port: int = 5000,
     found = running(paths) if paths.root.is_dir() else None
     if found is not None:
         return found, True
-    paths.root.mkdir(parents=True, exist_ok=True)
+    paths.root.mkdir(mode=0o700, parents=True, exist_ok=True)
     if os.geteuid() == 0:
         paths.root.chmod(0o711)  # the user postgres walks through to postgres/
     creds = load_credentials(paths)
@@ -474,12 +475,18 @@ def start(root: Path, host: str = "127.0.0.1", port: int = 5000,
     if pg_port is None:
         raise ServerError(f"{paths.state} is missing its postgres_port: write the port set in "
                           f"{paths.pgdata / 'postgresql.conf'} there as \"postgres_port\"")
+    postgres_was_up = postgres_pid(paths) is not None
     start_postgres(paths)
-    create_databases(creds, pg_port)
-    paths.artifacts.mkdir(exist_ok=True)
-    write_client_files(paths, creds, local_url(host, port), pg_port)
-    write_state(paths, host=host, port=port, allowed_hosts=allowed_hosts or [])
-    pid = start_mlflow(paths, creds, pg_port, host, port, allowed_hosts or [], workers)
+    try:
+        create_databases(creds, pg_port)
+        paths.artifacts.mkdir(mode=0o700, exist_ok=True)  # served to logged-in clients only
+        write_client_files(paths, creds, local_url(host, port), pg_port)
+        write_state(paths, host=host, port=port, allowed_hosts=allowed_hosts or [])
+        pid = start_mlflow(paths, creds, pg_port, host, port, allowed_hosts or [], workers)
+    except BaseException:  # a failed (or interrupted) start leaves nothing running
+        if not postgres_was_up:
+            stop_postgres(paths)
+        raise
     return describe(paths, creds, pid), False
 
 

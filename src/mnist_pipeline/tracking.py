@@ -92,6 +92,10 @@ def check_login(uri: str, timeout: float = 5.0) -> None:
     except Exception as exc:
         raise TrackingError(f"the MLflow tracking server {uri} did not answer a query "
                             f"({type(exc).__name__})") from None
+    if response.status_code == 403 and "host" in response.text.lower():
+        raise TrackingError(f"the MLflow tracking server {uri} refused this address "
+                            f"({response.text.strip()[:100]}): reach it by a name it was started "
+                            "with (mnist-pipeline server --allowed-hosts)")
     if response.status_code in (401, 403):
         given = "no login was given" if not creds.username else f"user {creds.username!r}"
         raise TrackingError(
@@ -107,16 +111,6 @@ def store_name(uri: str) -> str:
         return uri
     netloc = parts.netloc.rsplit("@", 1)[1]
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-
-
-def check_same_store(recorded: str | None, current: str, what: str) -> None:
-    """Refuse to use `what` (a run's record of its registered version) in another store than
-    the one it was registered in: version N there is not version N here."""
-    if recorded is not None and store_name(recorded) != store_name(current):
-        raise TrackingError(
-            f"{what} names a model registered in {store_name(recorded)}, but the tracking "
-            f"store is now {store_name(current)}: set MLFLOW_TRACKING_URI={store_name(recorded)}"
-            ", or run train again")
 
 
 class NullTracker:
