@@ -169,7 +169,6 @@ def test_postgres_restarted_during_training_loses_nothing(inputs, tracking_serve
 
 def test_queued_sweep_runs_two_at_a_time_without_losing_a_run(team, logged_in):
     repo, env, server = team
-    # (values unlike the first run's lr: DVC would restore that one from its run cache)
     run(["dvc", "exp", "run", "--queue", "-S", "train.lr=0.001,0.002"], repo, env)
     run(["dvc", "queue", "start", "-j", "2"], repo, env)
     deadline = time.monotonic() + 900
