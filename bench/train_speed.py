@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Measure this checkout's code, whether or not the package is installed.
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "bench")]
 
-from mnist_pipeline import distributed  # noqa: E402
+from mnist_pipeline import distributed, openmp  # noqa: E402
 from mnist_pipeline.data import SPLITS, load_split  # noqa: E402
 from mnist_pipeline.fused import status as fused_status  # noqa: E402
 from mnist_pipeline.loop import build_state, fit, to_tensor, validate  # noqa: E402
@@ -297,7 +297,9 @@ def run_child(args: argparse.Namespace, row: str) -> dict[str, Any]:
                                              params.batch_size, params.compile, args.threads,
                                              os.environ, cmd)
     else:
-        cmd, env = [sys.executable, *cmd], None
+        cmd, env = [sys.executable, *cmd], dict(os.environ)
+    if params is not None:  # the project's rows wait at OpenMP barriers as the train stage does
+        env = {**(env or os.environ), **openmp.wait_policy(env or os.environ)}
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False, env=env)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith(RESULT_MARK)]
     if done.returncode != 0 or not lines:

@@ -21,15 +21,19 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
+from mnist_pipeline import openmp
 
-from mnist_pipeline import distributed
-from mnist_pipeline.errors import run_stage
-from mnist_pipeline.io import read_json
-from mnist_pipeline.params import load_params
-from mnist_pipeline.runtime import select_device
-from mnist_pipeline.tracking import MlflowTracker, git_state, resolve_tracking
-from mnist_pipeline.train_stage import TrainOutputs, run_training
+os.environ.update(openmp.wait_policy(os.environ))  # before torch loads OpenMP (see openmp.py)
+
+import torch  # noqa: E402
+
+from mnist_pipeline import distributed  # noqa: E402
+from mnist_pipeline.errors import run_stage  # noqa: E402
+from mnist_pipeline.io import read_json  # noqa: E402
+from mnist_pipeline.params import load_params  # noqa: E402
+from mnist_pipeline.runtime import select_device  # noqa: E402
+from mnist_pipeline.tracking import MlflowTracker, git_state, resolve_tracking  # noqa: E402
+from mnist_pipeline.train_stage import TrainOutputs, run_training  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     if launch is not None:  # this process becomes torchrun, which runs this script again
         print("Launching:", shlex.join(launch[0]), flush=True)
         os.execve(launch[0][0], *launch)
-    tags = {**git_state(Path.cwd()), **{
+    tags = {**git_state(Path.cwd()), "openmp_wait": openmp.describe(os.environ), **{
         k: os.environ[k] for k in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV") if k in os.environ}}
     if world.is_main:
         print(f"Training on {device} ({world.size} process(es) x {torch.get_num_threads()} CPU "

@@ -107,6 +107,7 @@ def test_mlflow_run_is_complete(pipeline, client, run_info):
     assert mlrun.data.metrics["epoch/train_loss"] == pytest.approx(metrics["train_loss"])
     tags = mlrun.data.tags
     assert len(tags["git_commit"]) == 40 and tags["git_dirty"] in {"true", "false"}
+    assert tags["openmp_wait"] == "GOMP_SPINCOUNT=1000"  # set by the stage before torch loads
     # the training data as a dataset input (the UI's Dataset column)
     (dataset,) = mlrun.inputs.dataset_inputs
     assert dataset.dataset.name == "mnist-train" and len(dataset.dataset.digest) == 8
