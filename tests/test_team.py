@@ -197,6 +197,46 @@ def test_queued_sweep_runs_two_at_a_time_without_losing_a_run(team, logged_in):
     assert max(r.info.start_time for r in runs) < min(r.info.end_time for r in runs)
 
 
+def test_rollback_history_ensemble_and_serving_through_the_server(team, logged_in):
+    """The rest of the commands against the server, on the versions the tests above
+    registered: promote past the gate and roll back, the history, an ensemble, and `mlflow
+    models serve` of the champion."""
+    from .conftest import free_port, load_real, wait_for_http
+    from .test_promotion import _popen, _post, _stop
+
+    repo, env, server = team
+    client = _client(server)
+    versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{MODEL}'"))
+    assert len(versions) >= 2
+    champion = client.get_model_version_by_alias(MODEL, "champion").version
+    other = next(v for v in versions if str(v) != champion)
+    run([CLI, "promote", "--version", str(other), "--force", "--reason", "team test"], repo, env)
+    back = run([CLI, "rollback"], repo, env)
+    assert f"to version {champion}" in back.stdout
+    assert client.get_model_version_by_alias(MODEL, "champion").version == champion
+    history = [json.loads(ln) for ln in run([CLI, "history", "--json"], repo, env)
+               .stdout.splitlines()]
+    assert [e["action"] for e in history][-2:] == ["promote", "rollback"]
+
+    done = run([CLI, "ensemble", "--versions", champion, str(other)], repo, env)
+    assert f"Registered models:/{MODEL}-ensemble/" in done.stdout
+
+    port = free_port()
+    serving = _popen([str(VENV_BIN / "mlflow"), "models", "serve", "-m",
+                      f"models:/{MODEL}@champion", "--env-manager", "local", "-h", "127.0.0.1",
+                      "-p", str(port)], repo, env)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/ping", serving, timeout=180)
+        images, labels = load_real("t10k", 20)
+        status, body = _post(f"http://127.0.0.1:{port}/invocations",
+                             json.dumps({"inputs": (images[:, None] / 255).tolist()}).encode())
+        assert status == 200
+        assert sum(int(max(range(10), key=row.__getitem__)) == label for row, label
+                   in zip(json.loads(body)["predictions"], labels, strict=True)) >= 14
+    finally:
+        _stop(serving)
+
+
 def test_data_and_models_shared_through_a_dvc_remote(team, tmp_path):
     """`dvc push` to a directory remote, then a fresh clone gets every output with `dvc pull`
     (no training) and `dvc status` is clean."""
