@@ -299,7 +299,7 @@ def run_child(args: argparse.Namespace, row: str) -> dict[str, Any]:
     else:
         cmd, env = [sys.executable, *cmd], dict(os.environ)
     if params is not None:  # the project's rows wait at OpenMP barriers as the train stage does
-        env = {**(env or os.environ), **openmp.wait_policy(env or os.environ)}
+        env.update(openmp.wait_policy(env))
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False, env=env)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith(RESULT_MARK)]
     if done.returncode != 0 or not lines:

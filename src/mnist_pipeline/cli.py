@@ -55,8 +55,8 @@ def _candidate(client: Any, args: argparse.Namespace, name: str) -> Any:
         info = read_json(args.run_info)
         if info.get("registered_model") == name:
             registry.check_run_info(client, info, _store(), str(args.run_info))
-        if info.get("version") is not None and info.get("registered_model") == name:
-            return registry.get_version(client, name, info["version"])
+            if info.get("version") is not None:
+                return registry.get_version(client, name, info["version"])
         run_id = info.get("run_id")
     return registry.version_for_run(client, name, run_id)
 

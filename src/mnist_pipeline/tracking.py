@@ -265,7 +265,6 @@ class MlflowTracker(NullTracker):
         """Log to an existing run (e.g. evaluation results to the training run)."""
         import mlflow
 
-        self.check()
         mlflow.set_tracking_uri(self.uri)  # for model loading through the registry too
         try:
             self.client().get_run(run_id)

@@ -35,7 +35,7 @@ Tensors = tuple[torch.Tensor, torch.Tensor]
 EPOCH_METRICS = ("train_loss", "train_accuracy", "lr", "epoch_seconds", "val_loss",
                  "val_accuracy")
 # The run's tags that decide the rounding of its arithmetic, beyond params and data: kept in
-# the checkpoint, so that a resume with other values says so (README.md, "Reproducibility").
+# the checkpoint, so that a resume with other values says so (README.md, runtime choices).
 RUNTIME_TAGS = ("device_name", "cpu_threads", "fused_kernels", "fused_kernels_build")
 
 
