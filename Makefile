@@ -8,10 +8,10 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: help install repro test test-all lint ui serve exp sweep ensemble accuracy bench bench-ddp report compare server server-stop clean
+.PHONY: help install repro test test-all lint ui serve exp sweep ensemble accuracy accuracy-bf16 bench bench-ddp report compare server server-stop clean
 
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 install: $(STAMP) $(PLOTS_PAGE) ## Create .venv with every pinned dependency (quick when already done)
 
@@ -49,7 +49,7 @@ serve: install ## Serve models:/mnist-cnn@champion on http://127.0.0.1:5001/invo
 		-m models:/mnist-cnn@champion --env-manager local --host $(HOST) --port 5001
 
 ALLOWED_HOSTS ?=
-server: install ## Start the shared tracking server in .tracking/ (PostgreSQL, login, artifacts); HOST=0.0.0.0 ALLOWED_HOSTS=name for others
+server: install ## Start the shared tracking server in .tracking/ (docs/team.md: HOST, ALLOWED_HOSTS)
 	mnist-pipeline server start --host $(HOST) --port $(PORT) $(if $(ALLOWED_HOSTS),--allowed-hosts $(ALLOWED_HOSTS))
 
 server-stop: ## Stop the shared tracking server
@@ -90,10 +90,16 @@ ensemble: install ## The ensemble recipe: RECIPE (best-single) with SEEDS="0 1 2
 accuracy: install ## Train the recipes over 3 seeds; write bench/results/accuracy.json (long on a CPU)
 	$(PY) bench/accuracy.py --recipe reference --recipe best-single --seeds 0 1 2
 
-bench: install ## Time the training path against the reference loop; write bench/results/speed.json
-	$(PY) bench/train_speed.py --device cpu --epochs 1 --repeats 3 --variant default \
-		--variant unfused --variant plain+channels_last --variant plain \
-		--json bench/results/speed.json
+accuracy-bf16: install ## The default recipe in fp32 and under bf16 autocast, 3 seeds; write bench/results/bf16.json
+	$(PY) bench/accuracy.py --recipe best-single --recipe best-single:amp=bf16 --seeds 0 1 2 \
+		--json bench/results/bf16.json
+
+bench: install ## Time training against the reference loop, quiet and beside a busy process; profile a step
+	$(PY) bench/train_speed.py --device cpu --steps 150 --repeats 3 --variant default \
+		--variant unfused --variant plain+channels_last --variant plain --variant bf16 \
+		--variant compile --load 1 --loaded reference --loaded default --loaded unfused \
+		--loaded bf16 --json bench/results/speed.json
+	$(PY) bench/step_profile.py --json bench/results/profile.json
 
 bench-ddp: install ## One training process against two (torchrun); write bench/results/ddp.json
 	$(PY) bench/train_speed.py --device cpu --steps 150 --repeats 3 --variant default \

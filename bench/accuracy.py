@@ -2,6 +2,11 @@
 spread, and the accuracy of the ensemble of each recipe's seeds.
 
     python bench/accuracy.py --recipe reference --recipe best-single --seeds 0 1 2 --threads 1
+    python bench/accuracy.py --recipe best-single:amp=bf16 --seeds 0 1 2 --json bench/results/bf16.json
+
+A recipe may carry train overrides after a colon (`NAME:key=value,key=value`): the recipe
+with those keys changed, e.g. `best-single:amp=bf16` for the default recipe under bf16
+autocast.
 
 Trains with the train stage's own code (`train_stage.run_training`, no tracking) on data/raw
 with data/stats.json, and scores every model with the evaluate stage's own function
@@ -21,8 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from mnist_pipeline.checkpoint import load_state_file
+from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.evaluate_stage import score_test_set
 from mnist_pipeline.inference import BATCH_SIZE
 from mnist_pipeline.io import read_json, write_json
@@ -53,25 +60,44 @@ def train_seed(params: Any, seed: int, folder: Path, args: argparse.Namespace,
     return outputs.weights
 
 
-def measure_recipe(name: str, args: argparse.Namespace, stats: dict[str, Any]) -> dict[str, Any]:
-    """Every seed of recipe `name`, scored, and the ensemble of the seeds."""
-    params = apply_recipe(load_params(args.params, "train"),
-                          load_recipe(args.recipes / f"{name}.yaml"))
+def split_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """'best-single:amp=bf16,epochs=3' -> ('best-single', {'amp': 'bf16', 'epochs': 3})."""
+    name, _, rest = spec.partition(":")
+    overrides: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"accuracy: {spec!r}: write overrides as key=value")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return name, overrides
+
+
+def measure_recipe(spec: str, args: argparse.Namespace, stats: dict[str, Any]) -> dict[str, Any]:
+    """Every seed of recipe `spec` (a name, optionally with overrides), scored, and the
+    ensemble of the seeds."""
+    name, overrides = split_spec(spec)
+    try:
+        params = apply_recipe(apply_recipe(load_params(args.params, "train"),
+                                           load_recipe(args.recipes / f"{name}.yaml")),
+                              {"train": overrides})
+    except PipelineError as exc:
+        raise SystemExit(f"accuracy: {spec}: {exc}") from None
+    folder = name + "".join(f"-{k}-{v}" for k, v in overrides.items())
     models, runs = [], []
     for seed in args.seeds:
-        weights = train_seed(params, seed, args.out / f"{name}-seed{seed}", args, stats)
+        weights = train_seed(params, seed, args.out / f"{folder}-seed{seed}", args, stats)
         trained = read_json(weights.with_name("train.json"))
         models.append(deployed(weights, stats, params.tta))
         accuracy = score_test_set(models[-1], args.raw, BATCH_SIZE).report["test_accuracy"]
         runs.append({"seed": seed, "test_accuracy": accuracy,
                      "train_seconds": trained["duration_seconds"]})
-        print(f"{name} seed {seed}: test accuracy {accuracy:.2%}", flush=True)
+        print(f"{spec} seed {seed}: test accuracy {accuracy:.2%}", flush=True)
     accuracies = [r["test_accuracy"] for r in runs]
     ensemble = None
     if len(models) > 1:
         ensemble = score_test_set(EnsembleModel(models).eval(), args.raw,
                                   BATCH_SIZE).report["test_accuracy"]
-    return {"recipe": name, "epochs": params.epochs, "runs": runs,
+    return {"recipe": spec, "name": name, "overrides": overrides, "epochs": params.epochs, "runs": runs,
             "train_seconds": statistics.median(r["train_seconds"] for r in runs),
             "mean": statistics.mean(accuracies),
             "stdev": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
@@ -80,7 +106,7 @@ def measure_recipe(name: str, args: argparse.Namespace, stats: dict[str, Any]) -
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", action="append", required=True, help="recipes/NAME.yaml")
+    parser.add_argument("--recipe", action="append", required=True, help="recipes/NAME.yaml, optionally NAME:key=value,... (train overrides)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--recipes", type=Path, default=Path("recipes"))

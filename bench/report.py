@@ -4,8 +4,10 @@
 
 Inputs (each written by the command named in its section, numbers only):
   bench/results/speed.json     `make bench`    (bench/train_speed.py --json ...)
+  bench/results/profile.json   `make bench`    (bench/step_profile.py --json ...)
   bench/results/ddp.json       `make bench-ddp` (the same, one process against two)
   bench/results/accuracy.json  `make accuracy` (bench/accuracy.py)
+  bench/results/bf16.json      `make accuracy-bf16` (bench/accuracy.py, fp32 against bf16)
   bench/results/source.json    what the blog post the reference recipe comes from reports
 A result file that is absent leaves its section out. tests/test_layout.py checks that the
 committed RESULTS.md is exactly what this script prints.
@@ -42,7 +44,12 @@ ROW_NAMES = {
     "plain+channels_last": "project, eager modules and for-loop Adam",
     "plain": "project plain (NCHW, for-loop Adam, eager modules)",
     "ddp2": "project default, 2 processes (`train.nproc: 2`)",
+    "bf16": "project, bf16 autocast (`amp: bf16`)",
+    "compile": "project, `torch.compile` (`compile: true`)",
 }
+# A bf16 recipe is offered only when it is this much faster than the reference loop and its
+# mean test accuracy is this close to fp32's (points of accuracy, as a fraction).
+BF16_MIN_SPEEDUP, BF16_MAX_LOSS = 4.0, 0.0005
 
 
 def load(name: str, folder: Path) -> dict[str, Any] | None:
@@ -100,6 +107,15 @@ def speed_section(speed: dict[str, Any]) -> list[str]:
     lines += ["", "Seconds of each timed run, in the order run:", ""]
     for name, r in rows.items():
         lines.append(f"- {name}: " + ", ".join(f"{run['seconds']:.2f}" for run in r["runs"]))
+    if "compile" in rows and "default" in rows:
+        compiled, default = rows["compile"], rows["default"]
+        lines += ["", "`torch.compile` stays off by default: here it trains at "
+                  f"{compiled['images_per_second'] / default['images_per_second']:.2f}x the "
+                  f"default's speed, after {compiled['warmup_seconds']:.0f} s of compilation in "
+                  "every new process. Its graphs call the same oneDNN convolutions, which take "
+                  "most of the step (below), and it fuses the BatchNorm/ReLU/max-pool work "
+                  "that the fused kernels already fuse (they are off under `compile`); it also "
+                  "changes the arithmetic."]
     ladder = [(n, b, what) for n, b, what in LADDER if n in rows and b in rows]
     if ladder:
         lines += ["", "### What each speed idea bought", "",
@@ -108,6 +124,113 @@ def speed_section(speed: dict[str, Any]) -> list[str]:
         for name, before, what in ladder:
             gain = rows[name]["images_per_second"] / rows[before]["images_per_second"]
             lines.append(f"- {gain:.2f}x: {what} (`{before}` -> `{name}`)")
+    return lines
+
+
+def loaded_section(speed: dict[str, Any]) -> list[str]:
+    """The rows again beside competing busy processes, from the same invocation."""
+    quiet = {r["name"]: r for r in speed["rows"]}
+    load = speed["settings"]["load"]
+    lines = [
+        "### Beside a busy process",
+        "",
+        f"The same invocation timed these rows again beside {load} competing process(es), "
+        "each spinning on one core (a bounded `python -c` busy loop that the benchmark starts "
+        "just before the run and kills just after it), as when another job shares the "
+        "machine. Slowdown is the loaded time over the quiet time; the ratio is to the "
+        "reference under the same load. The project's rows wait at OpenMP barriers as the "
+        "train stage makes them (`GOMP_SPINCOUNT=1000`, the run's `openmp_wait` tag): with "
+        "libgomp's default long spin, a waiting thread holds the core that the thread it "
+        "waits for needs.",
+        "",
+        "| row | quiet s/epoch | loaded s/epoch | slowdown | vs reference under load | CPU use |",
+        "|-----|--------------:|---------------:|---------:|------------------------:|--------:|",
+    ]
+    for r in speed["loaded_rows"]:
+        lines.append(f"| {ROW_NAMES.get(r['name'], 'project ' + r['name'])} | "
+                     f"{quiet[r['name']]['seconds_per_epoch']:.2f} | "
+                     f"{r['seconds_per_epoch']:.2f} | {r['slowdown']:.2f}x | "
+                     f"{r['ratio']:.2f}x | {r['cpu_share']:.0%} |")
+    lines += ["", "Seconds of each loaded run, in the order run:", ""]
+    for r in speed["loaded_rows"]:
+        lines.append(f"- {r['name']}: " + ", ".join(f"{run['seconds']:.2f}" for run in r["runs"]))
+    return lines
+
+
+def profile_section(profile: dict[str, Any], speed: dict[str, Any] | None) -> list[str]:
+    """Where the default's step goes, and the speed that leaves it at most."""
+    groups = {g["name"]: g for g in profile["groups"]}
+    conv = groups["convolution (oneDNN)"]
+    lines = [
+        "### Where the default's time goes",
+        "",
+        "Self CPU time of each operator under `torch.profiler`, grouped, for "
+        f"{profile['steps']} steps of the default row's training (fused kernels "
+        f"{profile['fused_kernels']}), with the rate of the convolutions that oneDNN "
+        "computes (the second and third: forward, input and weight gradients) against a "
+        "2048 x 2048 fp32 matrix multiply on the same threads.",
+        "",
+        f"- Machine: {machine_line(profile['machine'])}",
+        f"- Command: `make bench` (`{profile['command']}`)",
+        "",
+        "| part of the step | seconds | share |",
+        "|------------------|--------:|------:|",
+        *(f"| {g['name']} | {g['seconds']:.3f} | {g['share']:.0%} |" for g in profile["groups"]),
+        "",
+        f"The oneDNN convolutions run at {profile['conv_gflops']:.0f} GFLOP/s, "
+        f"{profile['conv_gflops'] / profile['matmul_gflops']:.0%} of the "
+        f"{profile['matmul_gflops']:.0f} GFLOP/s of the matrix multiply.",
+    ]
+    rows = {r["name"]: r for r in speed["rows"]} if speed else {}
+    if "default" in rows:
+        bound = rows["default"]["ratio"] / conv["share"]
+        lines[-1] += (
+            " If everything else in the step took no time at all, the default would train "
+            f"at {bound:.2f}x the reference (its {rows['default']['ratio']:.2f}x above over "
+            f"the convolutions' {conv['share']:.0%}). More fp32 speed on this CPU needs "
+            "convolutions with fewer multiplications (Winograd), not more fusion; bf16 "
+            "halves the bytes and doubles the multiply rate instead.")
+    return lines
+
+
+def bf16_section(bf16: dict[str, Any], speed: dict[str, Any] | None) -> list[str]:
+    """bf16 autocast against fp32: accuracy over seeds, speed, and whether it is offered."""
+    fp32 = next(r for r in bf16["results"] if not r.get("overrides"))
+    half = next(r for r in bf16["results"] if r.get("overrides", {}).get("amp") == "bf16")
+    lines = [
+        "## bf16 autocast",
+        "",
+        "`amp: bf16` runs the convolutions and linear layers in bfloat16 under autocast "
+        "(the fused kernels, fp32 only, are off). It changes the arithmetic, so it is never "
+        "the default; the project offers it as a named recipe only if it trains at least "
+        f"{BF16_MIN_SPEEDUP:.0f}x as fast as the reference loop and its mean test accuracy "
+        f"is within {BF16_MAX_LOSS:.2%} of fp32's. The default recipe (`best-single`) with "
+        "and without it, per seed:",
+        "",
+        f"- Machine: {machine_line(bf16['machine'])}",
+        f"- Command: `make accuracy-bf16` (`{bf16['command']}`)",
+        "",
+        *accuracy_table(bf16),
+    ]
+    rows = {r["name"]: r for r in speed["rows"]} if speed else {}
+    if speed and "cpu_bf16" in speed["machine"]:
+        flags = speed["machine"]["cpu_bf16"]
+        amx = any(f.startswith("amx") for f in flags)
+        lines += ["", f"The CPU of the speed table has {', '.join(flags) or 'no bf16 instructions'}"
+                  + ("" if amx else " and no AMX") + " (`/proc/cpuinfo`); oneDNN runs bf16 "
+                  "convolutions with what it finds."]
+    loss = fp32["mean"] - half["mean"]
+    verdict = [f"its mean accuracy is {abs(loss):.2%} {'below' if loss > 0 else 'above'} "
+               "fp32's"]
+    offered = loss <= BF16_MAX_LOSS
+    if "bf16" in rows:
+        verdict.insert(0, f"it trains at {rows['bf16']['ratio']:.2f}x the reference loop "
+                       "(the speed table above)")
+        offered = offered and rows["bf16"]["ratio"] >= BF16_MIN_SPEEDUP
+    lines += ["", f"On this machine {' and '.join(verdict)}: "
+              + ("offered as `recipes/bf16.yaml`." if offered else
+                 "not offered as a recipe; `amp` stays `none`. "
+                 "`dvc exp run -S train.amp=bf16` tries it.")]
     return lines
 
 
@@ -187,6 +310,7 @@ def accuracy_section(accuracy: dict[str, Any], source: dict[str, Any] | None) ->
 def report(folder: Path = RESULTS) -> str:
     speed, accuracy = load("speed.json", folder), load("accuracy.json", folder)
     source, ddp = load("source.json", folder), load("ddp.json", folder)
+    profile, bf16 = load("profile.json", folder), load("bf16.json", folder)
     lines = [
         "# Benchmark results",
         "",
@@ -201,6 +325,12 @@ def report(folder: Path = RESULTS) -> str:
         lines += ["", *accuracy_section(accuracy, source)]
     if speed:
         lines += ["", *speed_section(speed)]
+        if speed.get("loaded_rows"):
+            lines += ["", *loaded_section(speed)]
+    if profile:
+        lines += ["", *profile_section(profile, speed)]
+    if bf16:
+        lines += ["", *bf16_section(bf16, speed)]
     if ddp:
         lines += ["", *ddp_section(ddp)]
     return "\n".join(lines) + "\n"

@@ -19,6 +19,14 @@ torchvision and numpy (no mlflow, dvc or PyYAML).
       (on CUDA also the whole recipe per variant: time to 99.5% test accuracy; see --recipe)
   python bench/train_speed.py --device cpu --steps 150 --repeats 3 --variant default \
       --variant ddp2      (ddp2: 2 processes under torchrun, data parallel, threads shared)
+  python bench/train_speed.py --device cpu --steps 150 --repeats 3 --threads 2 \
+      --variant default --variant unfused --load 1 --loaded reference --loaded default
+      (--load N: the --loaded rows, default all, run again beside N busy processes)
+
+Under `--load N`, each loaded run gets N competing processes that spin on one core each
+(`python -c` of a bounded busy loop), started just before the run's process and killed just
+after it; a loaded row's ratio is to the reference under the same load, and its slowdown is
+its loaded time over its quiet time.
 """
 
 from __future__ import annotations
@@ -76,6 +84,9 @@ TOKENS: dict[str, dict[str, Any]] = {
     "ddp2": {"nproc": 2},
 }
 TARGET_ACCURACY = 0.995
+# One competing process: a busy loop on one core that ends by itself after an hour, should
+# the benchmark die before it kills it.
+BUSY_LOOP = "import time\nend = time.monotonic() + 3600\nwhile time.monotonic() < end: pass"
 RESULT_MARK = "BENCH-RESULT "  # the child's one line of JSON on stdout
 
 
@@ -94,12 +105,25 @@ def variant_params(name: str) -> TrainParams:
     return dataclasses.replace(TrainParams(), **parse_variant(name))
 
 
+BF16_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile")  # CPU instructions for bf16 math
+
+
+def bf16_flags() -> list[str]:
+    """Which of BF16_FLAGS this CPU has (Linux's /proc/cpuinfo; none known elsewhere)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    return [flag for flag in BF16_FLAGS if flag in flags]
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     """What the numbers were measured on, for the table header and the JSON."""
     import torchvision
 
     info: dict[str, Any] = {
         "device": device.type, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+        "cpu_bf16": bf16_flags(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "torchvision": torchvision.__version__, "python": platform.python_version(),
     }
@@ -283,8 +307,21 @@ def child_main(args: argparse.Namespace) -> int:
 
 # --- the parent: runs the children, alternating, and reports ---------------------------------
 
-def run_child(args: argparse.Namespace, row: str) -> dict[str, Any]:
-    """One timed run in a fresh process (under torchrun for a row of several processes)."""
+def busy_processes(count: int) -> list[subprocess.Popen]:
+    """`count` competing busy processes, running."""
+    return [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(count)]
+
+
+def stop(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        process.kill()
+    for process in processes:
+        process.wait()
+
+
+def run_child(args: argparse.Namespace, row: str, load: int = 0) -> dict[str, Any]:
+    """One timed run in a fresh process (under torchrun for a row of several processes),
+    beside `load` busy processes."""
     cmd = [str(Path(__file__).resolve()), "--child", row,
            "--device", args.device, "--epochs", str(args.epochs), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--threads", str(args.threads),
@@ -300,34 +337,53 @@ def run_child(args: argparse.Namespace, row: str) -> dict[str, Any]:
         cmd, env = [sys.executable, *cmd], dict(os.environ)
     if params is not None:  # the project's rows wait at OpenMP barriers as the train stage does
         env.update(openmp.wait_policy(env))
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False, env=env)
+    busy = busy_processes(load)
+    try:
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False, env=env)
+    finally:
+        stop(busy)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith(RESULT_MARK)]
     if done.returncode != 0 or not lines:
         raise SystemExit(f"train_speed: the {row!r} run failed (exit {done.returncode})")
     return json.loads(lines[-1].removeprefix(RESULT_MARK))
 
 
-def benchmark(args: argparse.Namespace, variants: list[str]) -> dict[str, list[dict]]:
-    """Every row `repeats` times, alternating in ABBA order so that drifts hit all alike."""
+Row = tuple[str, int]  # (name, busy processes beside it)
+
+
+def benchmark(args: argparse.Namespace, variants: list[str]) -> dict[Row, list[dict]]:
+    """Every row `repeats` times, quiet and (the loaded ones) under load, alternating in ABBA
+    order so that drifts hit all alike."""
     names = ["reference", *variants]
-    runs: dict[str, list[dict]] = {n: [] for n in names}
+    rows: list[Row] = [(n, 0) for n in names]
+    if args.load:
+        rows += [(n, args.load) for n in names if n in (args.loaded or names)]
+    runs: dict[Row, list[dict]] = {row: [] for row in rows}
     for repeat in range(args.repeats):
-        for name in names if repeat % 2 == 0 else names[::-1]:
-            run = run_child(args, name)
-            runs[name].append(run)
+        for name, load in rows if repeat % 2 == 0 else rows[::-1]:
+            run = run_child(args, name, load)
+            runs[name, load].append(run)
             kernels = f", fused kernels {run['fused_kernels']}" if "fused_kernels" in run else ""
-            print(f"[{repeat + 1}/{args.repeats}] {name}: {run['seconds']:.2f} s, "
+            loaded = f" beside {load} busy process(es)" if load else ""
+            print(f"[{repeat + 1}/{args.repeats}] {name}{loaded}: {run['seconds']:.2f} s, "
                   f"{run['images'] / run['seconds']:.0f} images/s, accuracy "
                   f"{run['test_accuracy']:.4f}, warm-up {run['warmup_seconds']:.1f} s{kernels}",
                   file=sys.stderr, flush=True)
     return runs
 
 
-def summarise(name: str, runs: list[dict], reference_ips: float) -> dict[str, Any]:
-    """One table row: medians over the repeats; seconds per whole epoch from the rate."""
-    ips = statistics.median(r["images"] / r["seconds"] for r in runs)
+def median_ips(runs: list[dict]) -> float:
+    return statistics.median(r["images"] / r["seconds"] for r in runs)
+
+
+def summarise(name: str, runs: list[dict], reference_ips: float, load: int = 0,
+              quiet_ips: float | None = None) -> dict[str, Any]:
+    """One table row: medians over the repeats; seconds per whole epoch from the rate; for a
+    loaded row also its slowdown, quiet over loaded images per second."""
+    ips = median_ips(runs)
+    loaded = {"load": load, "slowdown": quiet_ips / ips} if quiet_ips else {}
     return {
-        "name": name,
+        "name": name, **loaded,
         "overrides": None if name == "reference" else parse_variant(name),
         "seconds_per_epoch": runs[0]["epoch_images"] / ips,
         "images_per_second": ips,
@@ -340,11 +396,16 @@ def summarise(name: str, runs: list[dict], reference_ips: float) -> dict[str, An
 
 
 def make_report(
-    runs: dict[str, list[dict]], recipe: list | None, args: argparse.Namespace,
+    runs: dict[Row, list[dict]], recipe: list | None, args: argparse.Namespace,
     device: torch.device,
 ) -> dict[str, Any]:
-    reference_ips = statistics.median(r["images"] / r["seconds"] for r in runs["reference"])
-    rows = [summarise(name, runs[name], reference_ips) for name in runs]
+    reference_ips = median_ips(runs["reference", 0])
+    rows = [summarise(name, r, reference_ips) for (name, load), r in runs.items() if not load]
+    loaded_rows = []
+    if ("reference", args.load) in runs:
+        loaded_reference = median_ips(runs["reference", args.load])
+        loaded_rows = [summarise(name, r, loaded_reference, load, median_ips(runs[name, 0]))
+                       for (name, load), r in runs.items() if load]
     accuracy_after = (f"{args.epochs} epoch(s) of {args.steps} steps" if args.steps
                       else f"{args.epochs} full epoch(s)")
     return {
@@ -352,10 +413,12 @@ def make_report(
         "settings": {
             "device": args.device, "epochs": args.epochs, "steps": args.steps or None,
             "repeats": args.repeats, "warmup_steps": args.warmup, "batch_size": 100,
+            "load": args.load,
             "accuracy_after": accuracy_after,
             "command": " ".join(["bench/train_speed.py", *sys.argv[1:]]),
         },
         "rows": rows,
+        "loaded_rows": loaded_rows,
         "speedup": rows[1]["ratio"],  # the first project variant (default unless named)
         "speedups": {row["name"]: row["ratio"] for row in rows[1:]},
         "recipe": recipe,
@@ -381,6 +444,13 @@ def format_table(report: dict[str, Any]) -> str:
             f"{name:<40}{row['seconds_per_epoch']:>9.2f}{row['images_per_second']:>10.0f}"
             f"{row['ratio']:>7.2f}x{row['test_accuracy']:>10.2%}{row['warmup_seconds']:>11.1f}"
             f"{row['cpu_share']:>9.0%}")
+    if report["loaded_rows"]:
+        lines.append(f"beside {s['load']} busy process(es): {'':<18}{'s/epoch':>9}"
+                     f"{'vs ref':>8}{'slowdown':>10}{'CPU use':>9}")
+        for row in report["loaded_rows"]:
+            name = row["name"] if row["name"] == "reference" else f"project {row['name']}"
+            lines.append(f"{name:<40}{row['seconds_per_epoch']:>9.2f}{row['ratio']:>7.2f}x"
+                         f"{row['slowdown']:>9.2f}x{row['cpu_share']:>9.0%}")
     for name, r in zip(report["speedups"], report["recipe"] or [], strict=False):
         reached = (f"{r['target_accuracy']:.1%} at epoch {r['epoch_reached']}, after "
                    f"{r['seconds_to_target']:.1f} s" if r["epoch_reached"]
@@ -403,6 +473,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(repeatable; default: default)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before each run")
+    p.add_argument("--load", type=int, default=0,
+                   help="also time rows beside N competing busy processes (default 0: quiet "
+                        "only)")
+    p.add_argument("--loaded", action="append",
+                   help="a row to time under --load too: reference or a --variant "
+                        "(repeatable; default: every row)")
     p.add_argument("--recipe", action=argparse.BooleanOptionalAction, default=None,
                    help="also train each variant's whole recipe: time to 99.5%% test accuracy "
                         "(default: on for cuda)")
@@ -419,8 +495,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parse_variant(variant)
         except ValueError as exc:
             p.error(str(exc))
-    if min(args.epochs, args.repeats, args.recipe_epochs) < 1 or min(args.steps, args.warmup) < 0:
-        p.error("--epochs, --repeats and --recipe-epochs must be >= 1; --steps, --warmup >= 0")
+    if min(args.epochs, args.repeats, args.recipe_epochs) < 1 or min(
+            args.steps, args.warmup, args.load) < 0:
+        p.error("--epochs, --repeats and --recipe-epochs must be >= 1; --steps, --warmup, "
+                "--load >= 0")
+    rows = ["reference", *(args.variant or ["default"])]
+    for row in args.loaded or []:
+        if row not in rows:
+            p.error(f"--loaded {row}: not a row of this run ({', '.join(rows)})")
+    if args.loaded and not args.load:
+        p.error("--loaded needs --load N")
+    if args.loaded and "reference" not in args.loaded:
+        p.error("--loaded: include reference, the loaded rows' yardstick")
     return args
 
 

@@ -5,11 +5,14 @@ here looks at a timing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,6 +109,62 @@ def test_recipe_reports_accuracy_per_epoch_and_when_the_target_was_reached(bench
     assert result["final_accuracy"] == result["accuracy_per_epoch"][-1]
 
 
+def _busy_loops() -> list[int]:
+    """PIDs of running processes whose command line is the benchmark's busy loop."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if b"while time.monotonic() < end: pass" in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+    return pids
+
+
+def test_bench_times_the_loaded_rows_beside_busy_processes_and_stops_them(tiny, tmp_path):
+    """--load 1: the named rows run again beside one busy process, which is running while
+    they run and gone afterwards; loaded ratios are to the loaded reference."""
+    raw, env = tiny
+    out = tmp_path / "out.json"
+    done = run_bench(env, "--device", "cpu", "--steps", "2", "--warmup", "1", "--threads", "1",
+                     "--variant", "default", "--variant", "unfused", "--load", "1",
+                     "--loaded", "reference", "--loaded", "default", "--raw", str(raw),
+                     "--stats", str(tmp_path / "none.json"), "--json", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [r["name"] for r in report["rows"]] == ["reference", "default", "unfused"]
+    loaded = {r["name"]: r for r in report["loaded_rows"]}
+    assert list(loaded) == ["reference", "default"] and report["settings"]["load"] == 1
+    quiet = {r["name"]: r for r in report["rows"]}
+    for name, row in loaded.items():
+        assert row["load"] == 1 and row["runs"][0]["images"] == 200
+        assert row["slowdown"] == pytest.approx(
+            quiet[name]["images_per_second"] / row["images_per_second"])
+    assert loaded["reference"]["ratio"] == 1.0 and loaded["default"]["ratio"] > 0
+    assert "beside 1 busy process(es)" in done.stdout
+    assert not _busy_loops()
+
+
+def test_busy_process_runs_until_stopped(bench):
+    busy = bench.busy_processes(1)
+    try:
+        time.sleep(0.5)
+        assert busy[0].poll() is None and busy[0].pid in _busy_loops()
+    finally:
+        bench.stop(busy)
+    assert busy[0].returncode is not None and busy[0].pid not in _busy_loops()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--loaded", "default"], "--loaded needs --load N"),
+    (["--load", "1", "--loaded", "bf16"], "--loaded bf16: not a row of this run"),
+    (["--load", "1", "--loaded", "default"], "include reference"),
+    (["--load", "-1"], "--load >= 0"),
+])
+def test_bench_rejects_inconsistent_load_options(bench, args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(args)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("variant", ["fused+turbo", "bf32"])
 def test_bench_rejects_an_unknown_variant_before_any_work(bench, variant, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -164,3 +223,31 @@ def test_accuracy_bench_scores_each_seed_as_the_evaluate_stage_does(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Epoch:" not in again.stdout and weights.stat().st_mtime_ns == saved
     assert json.loads(result.read_text())["results"] == first["results"]
+
+
+def test_step_profile_groups_the_step_and_counts_the_convolutions(tmp_path):
+    """bench/step_profile.py: every operator's time lands in one group (shares sum to 1),
+    the convolutions are the oneDNN ones, and their multiply-adds match the model's shapes."""
+    profile = load_script(ROOT / "bench" / "step_profile.py")
+    from mnist_pipeline.model import MnistCNN
+
+    # conv2: 16 -> 32 channels at 28 x 28, conv3: 32 -> 64 at 14 x 14; 3x3; forward,
+    # input gradient and weight gradient (conv1 is the fused kernel's)
+    expected = 3 * 100 * (32 * 28 * 28 * 16 * 9 + 64 * 14 * 14 * 32 * 9)
+    assert profile.onednn_conv_macs(MnistCNN(), 100) == expected
+    assert profile.group_of("aten::convolution_backward") == "convolution (oneDNN)"
+    assert profile.group_of("_BnPoolReluBackward") == "fused kernels"
+    assert profile.group_of("aten::nll_loss_backward") == profile.OTHER
+
+    out = tmp_path / "profile.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "step_profile.py"), "--steps",
+                           "2", "--warmup", "1", "--threads", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    shares = {g["name"]: g["share"] for g in result["groups"]}
+    assert sum(shares.values()) == pytest.approx(1.0)
+    assert shares["convolution (oneDNN)"] > 0 and shares["linear layers"] > 0
+    assert result["conv_gflops"] > 0 and result["matmul_gflops"] > 0
+    assert result["machine"]["threads"] == 1 and result["steps"] == 2
+    assert "oneDNN convolutions:" in done.stdout

@@ -1,0 +1,92 @@
+"""bench/report.py on made-up result files: the loaded rows, the step profile and the bf16
+verdict come out of the numbers they are given (tests/test_layout.py checks the committed
+RESULTS.md against the committed files)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .conftest import ROOT, load_script
+
+MACHINE = {"cpu": "Test CPU", "cpu_count": 2, "threads": 2, "torch": "2.x"}
+
+
+@pytest.fixture(scope="module")
+def report():
+    return load_script(ROOT / "bench" / "report.py")
+
+
+def _row(name: str, ips: float, ratio: float, **extra) -> dict:
+    runs = [{"seconds": 15000 / ips, "images": 15000, "epoch_images": 60000}]
+    return {"name": name, "seconds_per_epoch": 60000 / ips, "images_per_second": ips,
+            "ratio": ratio, "test_accuracy": 0.98, "warmup_seconds": 2.0, "cpu_share": 0.9,
+            "runs": runs, **extra}
+
+
+def _speed(bf16_ratio: float) -> dict:
+    return {
+        "machine": {**MACHINE, "cpu_bf16": ["avx512_bf16"]},
+        "settings": {"epochs": 1, "steps": 150, "repeats": 1, "batch_size": 100, "load": 1,
+                     "command": "bench/train_speed.py --load 1"},
+        "rows": [_row("reference", 1000, 1.0), _row("default", 2500, 2.5),
+                 _row("bf16", 1000 * bf16_ratio, bf16_ratio),
+                 _row("compile", 2000, 2.0, warmup_seconds=41.0)],
+        "loaded_rows": [_row("reference", 400, 1.0, load=1, slowdown=2.5),
+                        _row("default", 1250, 3.125, load=1, slowdown=2.0)],
+    }
+
+
+def _accuracy(name: str, overrides: dict, accuracies: list[float]) -> dict:
+    mean = sum(accuracies) / len(accuracies)
+    return {"recipe": name, "name": "best-single", "overrides": overrides, "epochs": 17,
+            "runs": [{"seed": i, "test_accuracy": a, "train_seconds": 600.0}
+                     for i, a in enumerate(accuracies)],
+            "train_seconds": 600.0, "mean": mean, "ensemble": 0.998}
+
+
+def _write(folder, speed: dict, fp32: list[float], bf16: list[float]) -> None:
+    profile = {"machine": MACHINE, "command": "python bench/step_profile.py", "steps": 60,
+               "fused_kernels": "on", "conv_gflops": 150.0, "matmul_gflops": 200.0,
+               "groups": [{"name": "convolution (oneDNN)", "seconds": 1.0, "share": 0.625},
+                          {"name": "fused kernels", "seconds": 0.6, "share": 0.375}]}
+    accuracy = {"machine": MACHINE, "command": "python bench/accuracy.py",
+                "results": [_accuracy("best-single", {}, fp32),
+                            _accuracy("best-single:amp=bf16", {"amp": "bf16"}, bf16)]}
+    for name, data in (("speed.json", speed), ("profile.json", profile),
+                       ("bf16.json", accuracy)):
+        (folder / name).write_text(json.dumps(data))
+
+
+def test_loaded_rows_show_quiet_and_loaded_times_slowdown_and_loaded_ratio(report, tmp_path):
+    _write(tmp_path, _speed(3.0), [0.997, 0.997], [0.997, 0.997])
+    text = report.report(tmp_path)
+    assert "### Beside a busy process" in text and "beside 1 competing process(es)" in text
+    assert "| project default | 24.00 | 48.00 | 2.00x | 3.12x | 90% |" in text
+    assert "| reference loop (bench/reference.py) | 60.00 | 150.00 | 2.50x | 1.00x | 90% |" in text
+    assert "here it trains at 0.80x the default's speed, after 41 s of compilation" in text
+
+
+def test_profile_bounds_the_default_by_its_convolution_share(report, tmp_path):
+    _write(tmp_path, _speed(3.0), [0.997], [0.997])
+    text = report.report(tmp_path)
+    assert "| convolution (oneDNN) | 1.000 | 62% |" in text  # (0.625 rounds to even)
+    assert "run at 150 GFLOP/s, 75% of the 200 GFLOP/s" in text
+    assert "the default would train at 4.00x the reference (its 2.50x" in text
+
+
+@pytest.mark.parametrize("bf16_ratio, bf16_acc, offered", [
+    (3.0, [0.9972, 0.9970], False),   # too slow
+    (4.5, [0.9960, 0.9962], False),   # fast, but 0.1 points worse
+    (4.5, [0.9970, 0.9968], True),    # fast and within 0.05 points
+])
+def test_bf16_recipe_offered_only_when_fast_and_as_accurate(report, tmp_path, bf16_ratio,
+                                                           bf16_acc, offered):
+    _write(tmp_path, _speed(bf16_ratio), [0.9972, 0.9970], bf16_acc)
+    text = report.report(tmp_path)
+    assert "## bf16 autocast" in text and "| best-single:amp=bf16 | 17 | 2 |" in text
+    assert f"it trains at {bf16_ratio:.2f}x the reference loop" in text
+    assert "The CPU of the speed table has avx512_bf16 and no AMX" in text
+    assert ("offered as `recipes/bf16.yaml`" in text) is offered
+    assert ("`amp` stays `none`" in text) is not offered
