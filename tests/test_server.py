@@ -58,6 +58,10 @@ def test_command_starts_finds_and_stops_the_server():
         again = run([CLI, "server", "start", *args], base, env, timeout=60)
         assert "Already running: MLflow tracking server" in again.stdout
         assert f"(pid {mlflow_pid})" in again.stdout
+        moved = run([CLI, "server", "start", *args, "--allowed-hosts", "box.example"], base,
+                    env, timeout=60, check=False)
+        assert moved.returncode != 0 and "already runs with --allowed-hosts none (asked: "\
+            "box.example)" in moved.stderr and "server stop" in moved.stderr
         up = run([CLI, "server", "status", "--dir", str(folder)], base, env)
         assert f"running, pid {mlflow_pid}, answers on http://" in up.stdout
         assert f"running, pid {postgres_pid}" in up.stdout
@@ -196,3 +200,14 @@ def test_artifacts_go_through_the_server(as_admin, tmp_path):
     fetched = tracker.client().download_artifacts(tracker.run_id, "reports/report.json",
                                                   str(tmp_path / "back"))
     assert Path(fetched).read_text() == report.read_text()
+
+
+def test_options_that_differ_from_the_running_servers_are_refused(tmp_path):
+    paths = server.ServerPaths(tmp_path)
+    server.write_state(paths, host="127.0.0.1", port=5000, allowed_hosts=[], postgres_port=5433)
+    same = {"host": "127.0.0.1", "port": 5000, "allowed_hosts": []}
+    server.check_unchanged(paths, same)  # the same options: nothing to say
+    with pytest.raises(server.ServerError) as refused:
+        server.check_unchanged(paths, {**same, "port": 5001, "postgres_port": 6000})
+    assert "already runs with --port 5000 (asked: 5001); --postgres-port 5433 (asked: 6000)" \
+        in str(refused.value) and "mnist-pipeline server stop" in str(refused.value)

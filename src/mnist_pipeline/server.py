@@ -450,6 +450,21 @@ def running(paths: ServerPaths) -> Server | None:
     return describe(paths, load_credentials(paths), pid)
 
 
+def check_unchanged(paths: ServerPaths, asked: dict[str, object]) -> None:
+    """Refuse options that differ from those the running server was started with."""
+    state = read_state(paths)
+    changed = [f"--{key.replace('_', '-')} {_option(state.get(key))} (asked: {_option(value)})"
+               for key, value in asked.items() if state.get(key) != value]
+    if changed:
+        raise ServerError(f"the server of {paths.root} already runs with "
+                          f"{'; '.join(changed)}: to change that, stop it first "
+                          "(mnist-pipeline server stop)")
+
+
+def _option(value: object) -> str:
+    return (",".join(map(str, value)) or "none") if isinstance(value, list) else str(value)
+
+
 def start(root: Path, host: str = "127.0.0.1", port: int = 5000,
           allowed_hosts: list[str] | None = None, postgres_port: int | None = None,
           workers: int = 4) -> tuple[Server, bool]:
@@ -458,6 +473,10 @@ def start(root: Path, host: str = "127.0.0.1", port: int = 5000,
     paths = ServerPaths(Path(root).resolve())
     found = running(paths) if paths.root.is_dir() else None
     if found is not None:
+        asked = {"host": host, "port": port, "allowed_hosts": allowed_hosts or []}
+        if postgres_port is not None:
+            asked["postgres_port"] = postgres_port
+        check_unchanged(paths, asked)
         return found, True
     paths.root.mkdir(mode=0o700, parents=True, exist_ok=True)
     if os.geteuid() == 0:
