@@ -111,9 +111,9 @@ def speed_section(speed: dict[str, Any]) -> list[str]:
         compiled, default = rows["compile"], rows["default"]
         lines += ["", "`torch.compile` stays off by default: here it trains at "
                   f"{compiled['images_per_second'] / default['images_per_second']:.2f}x the "
-                  f"default's speed, after {compiled['warmup_seconds']:.0f} s of compilation in "
-                  "every new process. Its graphs call the same oneDNN convolutions, which take "
-                  "most of the step (below), and it fuses the BatchNorm/ReLU/max-pool work "
+                  f"default's speed, after {compiled['warmup_seconds']:.0f} s of warm-up steps "
+                  "(compilation included) in every new process. Its graphs call the same oneDNN "
+                  "convolutions, the largest part of the step (below), and it fuses the BatchNorm/ReLU/max-pool work "
                   "that the fused kernels already fuse (they are off under `compile`); it also "
                   "changes the arithmetic."]
     ladder = [(n, b, what) for n, b, what in LADDER if n in rows and b in rows]
@@ -187,9 +187,10 @@ def profile_section(profile: dict[str, Any], speed: dict[str, Any] | None) -> li
         lines[-1] += (
             " If everything else in the step took no time at all, the default would train "
             f"at {bound:.2f}x the reference (its {rows['default']['ratio']:.2f}x above over "
-            f"the convolutions' {conv['share']:.0%}). More fp32 speed on this CPU needs "
-            "convolutions with fewer multiplications (Winograd), not more fusion; bf16 "
-            "halves the bytes and doubles the multiply rate instead.")
+            f"the convolutions' {conv['share']:.0%}). The convolutions already run at about "
+            "the rate of the matrix multiply, so fp32 speed left to gain lies in the other "
+            "parts (the fused kernels first) or in convolutions with fewer multiplications "
+            "(Winograd); bf16 halves the bytes instead.")
     return lines
 
 

@@ -65,7 +65,7 @@ def test_loaded_rows_show_quiet_and_loaded_times_slowdown_and_loaded_ratio(repor
     assert "### Beside a busy process" in text and "beside 1 competing process(es)" in text
     assert "| project default | 24.00 | 48.00 | 2.00x | 3.12x | 90% |" in text
     assert "| reference loop (bench/reference.py) | 60.00 | 150.00 | 2.50x | 1.00x | 90% |" in text
-    assert "here it trains at 0.80x the default's speed, after 41 s of compilation" in text
+    assert "here it trains at 0.80x the default's speed, after 41 s of warm-up steps" in text
 
 
 def test_profile_bounds_the_default_by_its_convolution_share(report, tmp_path):
