@@ -2,7 +2,8 @@
 spread, and the accuracy of the ensemble of each recipe's seeds.
 
     python bench/accuracy.py --recipe reference --recipe best-single --seeds 0 1 2 --threads 1
-    python bench/accuracy.py --recipe best-single:amp=bf16 --seeds 0 1 2 --json bench/results/bf16.json
+    python bench/accuracy.py --recipe best-single:amp=bf16 --seeds 0 1 2 \
+        --json bench/results/bf16.json
 
 A recipe may carry train overrides after a colon (`NAME:key=value,key=value`): the recipe
 with those keys changed, e.g. `best-single:amp=bf16` for the default recipe under bf16
@@ -97,7 +98,8 @@ def measure_recipe(spec: str, args: argparse.Namespace, stats: dict[str, Any]) -
     if len(models) > 1:
         ensemble = score_test_set(EnsembleModel(models).eval(), args.raw,
                                   BATCH_SIZE).report["test_accuracy"]
-    return {"recipe": spec, "name": name, "overrides": overrides, "epochs": params.epochs, "runs": runs,
+    return {"recipe": spec, "name": name, "overrides": overrides, "epochs": params.epochs,
+            "runs": runs,
             "train_seconds": statistics.median(r["train_seconds"] for r in runs),
             "mean": statistics.mean(accuracies),
             "stdev": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
@@ -106,7 +108,8 @@ def measure_recipe(spec: str, args: argparse.Namespace, stats: dict[str, Any]) -
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", action="append", required=True, help="recipes/NAME.yaml, optionally NAME:key=value,... (train overrides)")
+    parser.add_argument("--recipe", action="append", required=True,
+                        help="recipes/NAME.yaml, optionally NAME:key=value,... (train overrides)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--recipes", type=Path, default=Path("recipes"))

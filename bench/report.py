@@ -112,9 +112,10 @@ def speed_section(speed: dict[str, Any]) -> list[str]:
         lines += ["", "`torch.compile` stays off by default: here it trains at "
                   f"{compiled['images_per_second'] / default['images_per_second']:.2f}x the "
                   f"default's speed, after {compiled['warmup_seconds']:.0f} s of warm-up steps "
-                  "(compilation included) in every new process. Its graphs call the same oneDNN "
-                  "convolutions, the largest part of the step (below), and it fuses the BatchNorm/ReLU/max-pool work "
-                  "that the fused kernels already fuse (they are off under `compile`); it also "
+                  "(compilation included) in every new process. Its graphs call the same "
+                  "oneDNN convolutions, the largest part of the step (below), and it fuses the "
+                  "BatchNorm/ReLU/max-pool work that the fused kernels already fuse (they are "
+                  "off under `compile`); it also "
                   "changes the arithmetic."]
     ladder = [(n, b, what) for n, b, what in LADDER if n in rows and b in rows]
     if ladder:
@@ -217,7 +218,8 @@ def bf16_section(bf16: dict[str, Any], speed: dict[str, Any] | None) -> list[str
     if speed and "cpu_bf16" in speed["machine"]:
         flags = speed["machine"]["cpu_bf16"]
         amx = any(f.startswith("amx") for f in flags)
-        lines += ["", f"The CPU of the speed table has {', '.join(flags) or 'no bf16 instructions'}"
+        found = ", ".join(flags) or "no bf16 instructions"
+        lines += ["", f"The CPU of the speed table has {found}"
                   + ("" if amx else " and no AMX") + " (`/proc/cpuinfo`); oneDNN runs bf16 "
                   "convolutions with what it finds."]
     loss = fp32["mean"] - half["mean"]
