@@ -52,6 +52,10 @@ ROW_NAMES = {
 BF16_MIN_SPEEDUP, BF16_MAX_LOSS = 4.0, 0.0005
 
 
+def row_name(name: str) -> str:
+    return ROW_NAMES.get(name, f"project {name}")
+
+
 def load(name: str, folder: Path) -> dict[str, Any] | None:
     path = folder / name
     return json.loads(path.read_text()) if path.exists() else None
@@ -101,7 +105,7 @@ def speed_section(speed: dict[str, Any]) -> list[str]:
         "|-----|--------:|---------:|-------------:|----------------------------:|--------:|",
     ]
     for name, r in rows.items():
-        lines.append(f"| {ROW_NAMES.get(name, 'project ' + name)} | "
+        lines.append(f"| {row_name(name)} | "
                      f"{r['seconds_per_epoch']:.2f} | {r['images_per_second']:.0f} | "
                      f"{r['ratio']:.2f}x | {pct(r['test_accuracy'])} | {r['cpu_share']:.0%} |")
     lines += ["", "Seconds of each timed run, in the order run:", ""]
@@ -115,8 +119,7 @@ def speed_section(speed: dict[str, Any]) -> list[str]:
                   "(compilation included) in every new process. Its graphs call the same "
                   "oneDNN convolutions, the largest part of the step (below), and it fuses the "
                   "BatchNorm/ReLU/max-pool work that the fused kernels already fuse (they are "
-                  "off under `compile`); it also "
-                  "changes the arithmetic."]
+                  "off under `compile`); it also changes the arithmetic."]
     ladder = [(n, b, what) for n, b, what in LADDER if n in rows and b in rows]
     if ladder:
         lines += ["", "### What each speed idea bought", "",
@@ -148,7 +151,7 @@ def loaded_section(speed: dict[str, Any]) -> list[str]:
         "|-----|--------------:|---------------:|---------:|------------------------:|--------:|",
     ]
     for r in speed["loaded_rows"]:
-        lines.append(f"| {ROW_NAMES.get(r['name'], 'project ' + r['name'])} | "
+        lines.append(f"| {row_name(r['name'])} | "
                      f"{quiet[r['name']]['seconds_per_epoch']:.2f} | "
                      f"{r['seconds_per_epoch']:.2f} | {r['slowdown']:.2f}x | "
                      f"{r['ratio']:.2f}x | {r['cpu_share']:.0%} |")
@@ -262,7 +265,7 @@ def ddp_section(ddp: dict[str, Any]) -> list[str]:
     for name, r in rows.items():
         shape = ("-" if name == "reference" else
                  f"{r['runs'][0]['processes']} x {r['runs'][0]['threads_per_process']}")
-        lines.append(f"| {ROW_NAMES.get(name, 'project ' + name)} | {shape} | "
+        lines.append(f"| {row_name(name)} | {shape} | "
                      f"{r['seconds_per_epoch']:.2f} | {r['images_per_second']:.0f} | "
                      f"{r['ratio']:.2f}x |")
     gain = many["images_per_second"] / one["images_per_second"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -36,6 +35,7 @@ from torch import nn  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from mnist_pipeline import fused  # noqa: E402
+from mnist_pipeline.io import write_json  # noqa: E402
 from mnist_pipeline.loop import build_state, fit  # noqa: E402
 from mnist_pipeline.params import TrainParams  # noqa: E402
 from mnist_pipeline.runtime import configure_determinism, cpu_model  # noqa: E402
@@ -145,8 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"oneDNN convolutions: {result['conv_gflops']:.0f} GFLOP/s; fp32 matrix multiply: "
           f"{result['matmul_gflops']:.0f} GFLOP/s; fused kernels {result['fused_kernels']}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     return 0
 
 

@@ -55,6 +55,7 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "bench")]
 from mnist_pipeline import distributed, openmp  # noqa: E402
 from mnist_pipeline.data import SPLITS, load_split  # noqa: E402
 from mnist_pipeline.fused import status as fused_status  # noqa: E402
+from mnist_pipeline.io import write_json  # noqa: E402
 from mnist_pipeline.loop import build_state, fit, to_tensor, validate  # noqa: E402
 from mnist_pipeline.params import TrainParams  # noqa: E402
 from mnist_pipeline.runtime import configure_determinism, cpu_model  # noqa: E402
@@ -530,8 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     report = make_report(runs, recipe, args, device)
     print(format_table(report))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, report)
     return 0
 
 
