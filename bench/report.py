@@ -46,6 +46,7 @@ ROW_NAMES = {
     "ddp2": "project default, 2 processes (`train.nproc: 2`)",
     "bf16": "project, bf16 autocast (`amp: bf16`)",
     "compile": "project, `torch.compile` (`compile: true`)",
+    "convolutions": "the default's oneDNN convolutions alone (no training)",
 }
 # A bf16 recipe is offered only when it is this much faster than the reference loop and its
 # mean test accuracy is this close to fp32's (points of accuracy, as a fraction).
@@ -105,9 +106,10 @@ def speed_section(speed: dict[str, Any]) -> list[str]:
         "|-----|--------:|---------:|-------------:|----------------------------:|--------:|",
     ]
     for name, r in rows.items():
+        accuracy = "-" if name == "convolutions" else pct(r["test_accuracy"])
         lines.append(f"| {row_name(name)} | "
                      f"{r['seconds_per_epoch']:.2f} | {r['images_per_second']:.0f} | "
-                     f"{r['ratio']:.2f}x | {pct(r['test_accuracy'])} | {r['cpu_share']:.0%} |")
+                     f"{r['ratio']:.2f}x | {accuracy} | {r['cpu_share']:.0%} |")
     lines += ["", "Seconds of each timed run, in the order run:", ""]
     for name, r in rows.items():
         lines.append(f"- {name}: " + ", ".join(f"{run['seconds']:.2f}" for run in r["runs"]))
@@ -162,17 +164,21 @@ def loaded_section(speed: dict[str, Any]) -> list[str]:
 
 
 def profile_section(profile: dict[str, Any], speed: dict[str, Any] | None) -> list[str]:
-    """Where the default's step goes, and the speed that leaves it at most."""
+    """Where the default's step goes, and the speed that its convolutions leave it at most."""
     groups = {g["name"]: g for g in profile["groups"]}
     conv = groups["convolution (oneDNN)"]
+    peak = profile.get("fma_peak_gflops")
+    rounds = profile.get("rounds", 1)
     lines = [
         "### Where the default's time goes",
         "",
         "Self CPU time of each operator under `torch.profiler`, grouped, for "
         f"{profile['steps']} steps of the default row's training (fused kernels "
-        f"{profile['fused_kernels']}), with the rate of the convolutions that oneDNN "
-        "computes (the second and third: forward, input and weight gradients) against a "
-        "2048 x 2048 fp32 matrix multiply on the same threads.",
+        f"{profile['fused_kernels']})"
+        + (f", the fastest of {rounds} rounds on fresh models" if rounds > 1 else "")
+        + ", with the rate of the convolutions that oneDNN computes (the second and third: "
+        "forward, input and weight gradients) against what this CPU's fp32 arithmetic "
+        "reaches on the same threads.",
         "",
         f"- Machine: {machine_line(profile['machine'])}",
         f"- Command: `make bench` (`{profile['command']}`)",
@@ -181,20 +187,38 @@ def profile_section(profile: dict[str, Any], speed: dict[str, Any] | None) -> li
         "|------------------|--------:|------:|",
         *(f"| {g['name']} | {g['seconds']:.3f} | {g['share']:.0%} |" for g in profile["groups"]),
         "",
-        f"The oneDNN convolutions run at {profile['conv_gflops']:.0f} GFLOP/s, "
-        f"{profile['conv_gflops'] / profile['matmul_gflops']:.0%} of the "
-        f"{profile['matmul_gflops']:.0f} GFLOP/s of the matrix multiply.",
     ]
+    rate = f"The oneDNN convolutions run at {profile['conv_gflops']:.0f} GFLOP/s"
+    if peak:
+        rate += (f", {profile['conv_gflops'] / peak:.0%} of this CPU's fp32 multiply-add peak "
+                 f"({peak:.0f} GFLOP/s: independent vector multiply-adds in registers); a "
+                 f"2048 x 2048 matrix multiply reaches {profile['matmul_gflops']:.0f} GFLOP/s.")
+    else:
+        rate += (f", {profile['conv_gflops'] / profile['matmul_gflops']:.0%} of the "
+                 f"{profile['matmul_gflops']:.0f} GFLOP/s of a 2048 x 2048 matrix multiply.")
+    lines.append(rate)
     rows = {r["name"]: r for r in speed["rows"]} if speed else {}
-    if "default" in rows:
-        bound = rows["default"]["ratio"] / conv["share"]
+    if "default" not in rows:
+        return lines
+    default = rows["default"]
+    if "convolutions" in rows:
+        alone = rows["convolutions"]
+        lines[-1] += (
+            " Timed alone in the speed table's invocation (its `convolutions` row: the same "
+            "convolutions' forward, input and weight gradients on random data, nothing "
+            f"else), they take {alone['seconds_per_epoch']:.2f} s per epoch of the default's "
+            f"{default['seconds_per_epoch']:.2f} s: even if everything else in the step took "
+            f"no time at all, the default would train at {alone['ratio']:.2f}x the reference "
+            f"(it trains at {default['ratio']:.2f}x).")
+    else:
         lines[-1] += (
             " If everything else in the step took no time at all, the default would train "
-            f"at {bound:.2f}x the reference (its {rows['default']['ratio']:.2f}x above over "
-            f"the convolutions' {conv['share']:.0%}). The convolutions already run at about "
-            "the rate of the matrix multiply, so fp32 speed left to gain lies in the other "
-            "parts (the fused kernels first) or in convolutions with fewer multiplications "
-            "(Winograd); bf16 halves the bytes instead.")
+            f"at {default['ratio'] / conv['share']:.2f}x the reference (its "
+            f"{default['ratio']:.2f}x above over the convolutions' {conv['share']:.0%}).")
+    lines[-1] += (
+        " So fp32 speed left to gain lies in the other parts (the fused kernels first), up to "
+        "that bound, or in convolutions with fewer multiplications (Winograd: PyTorch asks "
+        "oneDNN for direct convolutions); bf16 halves the bytes instead.")
     return lines
 
 

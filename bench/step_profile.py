@@ -5,33 +5,39 @@
 Trains with the train stage's loop (`mnist_pipeline.loop.fit`, TrainParams' field defaults:
 the reference recipe with the project's speed options, as the `default` row of
 bench/train_speed.py) on random batches of MNIST's shape under torch.profiler, after untimed
-warm-up steps, and sorts every operator's self CPU time into: the convolutions that oneDNN
-computes (forward and backward), the fused kernels (csrc/fused_bn.cpp, the first
-convolution included), the linear layers, the optimizer, and the rest. It counts the oneDNN
-convolutions' multiply-adds from the model's shapes and times a large fp32 matrix multiply
-on the same threads, so that their rate can be read against what this CPU reaches at all.
-Needs only torch (and numpy, through the project's loop).
+warm-up steps, a few rounds on fresh models (the fastest round kept), and sorts every
+operator's self CPU time into: the convolutions that oneDNN computes (forward and backward),
+the fused kernels (csrc/fused_bn.cpp, the first convolution included), the linear layers,
+the optimizer, and the rest. It counts the oneDNN convolutions' multiply-adds from the
+model's shapes and measures this CPU's fp32 peak on the same threads (a loop of independent
+fused multiply-adds in registers, compiled with the fused kernels' flags by the C compiler;
+and a large fp32 matrix multiply), so that their rate can be read against what this CPU
+reaches at all. Needs torch (and numpy, through the project's loop) and, for the peak, a C
+compiler with OpenMP (`cc`, or $CC).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "src")]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "bench")]
 
 from mnist_pipeline import openmp  # noqa: E402
 
 os.environ.update(openmp.wait_policy(os.environ))  # as the train stage, before torch loads
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from mnist_pipeline import fused  # noqa: E402
@@ -39,6 +45,7 @@ from mnist_pipeline.io import write_json  # noqa: E402
 from mnist_pipeline.loop import build_state, fit  # noqa: E402
 from mnist_pipeline.params import TrainParams  # noqa: E402
 from mnist_pipeline.runtime import configure_determinism, cpu_model  # noqa: E402
+from train_speed import onednn_convolutions  # noqa: E402
 
 # Operator name -> group, by the first prefix that matches (self CPU time).
 GROUPS = (
@@ -54,28 +61,6 @@ def group_of(name: str) -> str:
     return next((group for group, prefixes in GROUPS if name.startswith(prefixes)), OTHER)
 
 
-def onednn_conv_macs(model: nn.Module, batch: int) -> int:
-    """Multiply-adds per training step of the convolutions that oneDNN computes (all but
-    the first, which the fused kernel computes): forward, input gradient, weight gradient."""
-    macs: list[int] = []
-
-    def count(conv: nn.Module, _: Any, out: torch.Tensor) -> None:
-        assert isinstance(conv, nn.Conv2d)
-        kh, kw = conv.kernel_size
-        macs.append(out.numel() * conv.in_channels // conv.groups * kh * kw)
-
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    hooks = [conv.register_forward_hook(count) for conv in convs]
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(batch, 1, 28, 28))
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train()
-    return 3 * sum(macs[1:])
-
-
 def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
     """The best fp32 rate of a size x size matrix multiply, in GFLOP/s."""
     a, b = torch.randn(size, size), torch.randn(size, size)
@@ -88,7 +73,50 @@ def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 / best / 1e9
 
 
-def measure(steps: int, warmup: int) -> dict[str, Any]:
+# Independent vector multiply-add chains, enough to hide the FMA latency: the CPU's peak.
+PEAK_SOURCE = r"""
+#include <omp.h>
+typedef float v16 __attribute__((vector_size(64)));
+double fma_gflops(int threads, long iterations) {
+  double start = omp_get_wtime(), sink = 0.0;
+  #pragma omp parallel num_threads(threads) reduction(+:sink)
+  {
+    v16 a[10], b, c;
+    for (int i = 0; i < 16; ++i) { b[i] = 0.9999f; c[i] = 1e-4f; }
+    for (int k = 0; k < 10; ++k) for (int i = 0; i < 16; ++i) a[k][i] = 0.001f * k;
+    for (long r = 0; r < iterations; ++r)
+      for (int k = 0; k < 10; ++k) a[k] = a[k] * b + c;
+    for (int k = 0; k < 10; ++k) sink += a[k][0];
+  }
+  double seconds = omp_get_wtime() - start;
+  return sink == -1.0 ? 0.0 : 2.0 * 16 * 10 * (double)iterations * threads / seconds / 1e9;
+}
+"""
+
+
+def fma_peak_gflops(threads: int, iterations: int = 20_000_000,
+                    repeats: int = 3) -> float | None:
+    """The best rate of `threads` threads of register-only fp32 multiply-adds, in GFLOP/s
+    (compiled with the fused kernels' flags); None without a working C compiler."""
+    compiler = os.environ.get("CC") or shutil.which("cc")
+    if compiler is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="fma-peak-") as scratch:
+        source, library = Path(scratch) / "peak.c", Path(scratch) / "peak.so"
+        source.write_text(PEAK_SOURCE)
+        built = subprocess.run([compiler, *fused.CFLAGS, "-ffp-contract=fast", "-shared",
+                                "-fPIC", str(source), "-o", str(library)],
+                               capture_output=True, check=False)
+        if built.returncode != 0:
+            return None
+        peak = ctypes.CDLL(str(library)).fma_gflops
+        peak.restype, peak.argtypes = ctypes.c_double, (ctypes.c_int, ctypes.c_long)
+        return max(peak(threads, iterations) for _ in range(repeats))
+
+
+def measure(steps: int, warmup: int, rounds: int = 1) -> dict[str, Any]:
+    """Profiles `steps` steps `rounds` times, each on a fresh model, and keeps the round of
+    the shortest wall time (the one least disturbed by whatever else the machine ran)."""
     device = torch.device("cpu")
     params = dataclasses.replace(TrainParams(), epochs=1)
     configure_determinism(device, params.cuda_deterministic)
@@ -100,26 +128,31 @@ def measure(steps: int, warmup: int) -> dict[str, Any]:
         return x.contiguous(memory_format=torch.channels_last), y
 
     fit(build_state(params, device), params, *batches(warmup))
-    state = build_state(params, device)
     x, y = batches(steps)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        start = time.perf_counter()
-        fit(state, params, x, y)
-        wall = time.perf_counter() - start
+    profiled = []
+    for _ in range(rounds):
+        state = build_state(params, device)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            fit(state, params, x, y)
+            profiled.append((time.perf_counter() - start, prof))
+    wall, prof = min(profiled, key=lambda round_: round_[0])
     seconds: dict[str, float] = {group: 0.0 for group, _ in GROUPS}
     seconds[OTHER] = 0.0
     for event in prof.key_averages():
         seconds[group_of(event.key)] += event.self_cpu_time_total / 1e6
     total = sum(seconds.values())
-    conv_flops = 2 * onednn_conv_macs(state.model, params.batch_size) * steps
+    # forward, input gradient and weight gradient: as many multiply-adds each
+    conv_flops = 2 * 3 * sum(call.macs for call in onednn_convolutions(params, device)) * steps
     conv_seconds = seconds["convolution (oneDNN)"]
     return {
-        "steps": steps, "warmup_steps": warmup, "wall_seconds": wall,
+        "steps": steps, "warmup_steps": warmup, "rounds": rounds, "wall_seconds": wall,
         "fused_kernels": fused.status(params, device, state.model),
         "groups": [{"name": name, "seconds": s, "share": s / total}
                    for name, s in seconds.items()],
         "conv_gflops": conv_flops / conv_seconds / 1e9,
         "matmul_gflops": matmul_gflops(),
+        "fma_peak_gflops": fma_peak_gflops(torch.get_num_threads()),
     }
 
 
@@ -127,23 +160,28 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=60, help="profiled steps (default 60)")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps before (default 10)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="profile the steps this many times; keep the fastest (default 3)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's)")
     p.add_argument("--json", type=Path, help="write the numbers here as JSON")
     args = p.parse_args(argv)
-    if min(args.steps, args.warmup) < 1:
-        p.error("--steps and --warmup must be >= 1")
+    if min(args.steps, args.warmup, args.rounds) < 1:
+        p.error("--steps, --warmup and --rounds must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     result = {
         "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__},
         "command": " ".join(["python", "bench/step_profile.py", *sys.argv[1:]]),
-        **measure(args.steps, args.warmup),
+        **measure(args.steps, args.warmup, args.rounds),
     }
     for group in result["groups"]:
         print(f"{group['name']:<45}{group['seconds']:>8.3f} s{group['share']:>7.1%}")
+    peak = result["fma_peak_gflops"]
     print(f"oneDNN convolutions: {result['conv_gflops']:.0f} GFLOP/s; fp32 matrix multiply: "
-          f"{result['matmul_gflops']:.0f} GFLOP/s; fused kernels {result['fused_kernels']}")
+          f"{result['matmul_gflops']:.0f} GFLOP/s; fp32 multiply-add peak: "
+          + (f"{peak:.0f} GFLOP/s" if peak else "not measured (no C compiler)")
+          + f"; fused kernels {result['fused_kernels']}")
     if args.json:
         write_json(args.json, result)
     return 0

@@ -22,6 +22,9 @@ torchvision and numpy (no mlflow, dvc or PyYAML).
   python bench/train_speed.py --device cpu --steps 150 --repeats 3 --threads 2 \
       --variant default --variant unfused --load 1 --loaded reference --loaded default
       (--load N: the --loaded rows, default all, run again beside N busy processes)
+  python bench/train_speed.py --device cpu --steps 150 --repeats 3 --convolutions
+      (also a row of the default's oneDNN convolutions alone: the speed no fp32 change
+      elsewhere in the step can pass)
 
 Under `--load N`, each loaded run gets N competing processes that spin on one core each
 (`python -c` of a bounded busy loop), started just before the run's process and killed just
@@ -43,10 +46,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 # Measure this checkout's code, whether or not the package is installed.
@@ -57,6 +61,7 @@ from mnist_pipeline.data import SPLITS, load_split  # noqa: E402
 from mnist_pipeline.fused import status as fused_status  # noqa: E402
 from mnist_pipeline.io import write_json  # noqa: E402
 from mnist_pipeline.loop import build_state, fit, to_tensor, validate  # noqa: E402
+from mnist_pipeline.model import MnistCNN  # noqa: E402
 from mnist_pipeline.params import TrainParams  # noqa: E402
 from mnist_pipeline.runtime import configure_determinism, cpu_model  # noqa: E402
 from reference import (  # noqa: E402
@@ -89,6 +94,8 @@ TARGET_ACCURACY = 0.995
 # the benchmark die before it kills it.
 BUSY_LOOP = "import time\nend = time.monotonic() + 3600\nwhile time.monotonic() < end: pass"
 RESULT_MARK = "BENCH-RESULT "  # the child's one line of JSON on stdout
+# The row of the default's oneDNN convolutions alone (--convolutions); not a variant.
+CONVOLUTIONS = "convolutions"
 
 
 def parse_variant(name: str) -> dict[str, Any]:
@@ -287,6 +294,79 @@ def child_reference(args: argparse.Namespace, device: torch.device) -> dict[str,
             "cpu_share": cpu_share(cpu, wall)}
 
 
+class ConvCall(NamedTuple):
+    """One convolution of a training step, with its input's and output's shapes."""
+    conv: nn.Conv2d
+    input_shape: torch.Size
+    output_shape: torch.Size
+
+    @property
+    def macs(self) -> int:
+        """Multiply-adds of its forward (the input and weight gradients take as many)."""
+        kh, kw = self.conv.kernel_size
+        return self.output_shape.numel() * self.conv.in_channels // self.conv.groups * kh * kw
+
+
+def onednn_convolutions(params: TrainParams, device: torch.device) -> list[ConvCall]:
+    """The convolutions of `params`' model that oneDNN computes in a training step (all but
+    the first when the fused kernels compute it), for one batch."""
+    model = MnistCNN().to(device)
+    if params.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    calls: list[ConvCall] = []
+
+    def record(conv: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        assert isinstance(conv, nn.Conv2d)
+        calls.append(ConvCall(conv, inputs[0].shape, out.shape))
+
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    hooks = [conv.register_forward_hook(record) for conv in convs]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(params.batch_size, 1, 28, 28, device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    fused_first = fused_status(params, device, model.train()) == "on"
+    return calls[1:] if fused_first else calls
+
+
+def convolution_steps(params: TrainParams, device: torch.device, steps: int) -> None:
+    """`steps` times what the oneDNN convolutions of one training step compute: each one's
+    forward and its input and weight gradients (autograd, as in the step), on random data in
+    the model's memory format."""
+    memory_format = torch.channels_last if params.channels_last else torch.contiguous_format
+    generator = torch.Generator(device).manual_seed(0)
+    work = []
+    for conv, shape, _ in onednn_convolutions(params, device):
+        x = torch.randn(shape, device=device, generator=generator)
+        x = x.contiguous(memory_format=memory_format).requires_grad_()
+        with torch.no_grad():
+            grad = torch.randn_like(conv(x)).contiguous(memory_format=memory_format)
+        work.append((conv, x, grad))
+    for _ in range(steps):
+        for conv, x, grad in work:
+            torch.autograd.grad(conv(x), (x, *conv.parameters()), grad)
+
+
+def child_convolutions(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    params = variant_params("default")
+    images = epoch_images(args.raw, params.batch_size)
+    steps = args.steps or images // params.batch_size
+    start = time.perf_counter()
+    convolution_steps(params, device, args.warmup)
+    warmup = time.perf_counter() - start
+    cpu, wall = time.process_time(), time.perf_counter()
+    sync(device)
+    convolution_steps(params, device, steps * args.epochs)
+    sync(device)
+    seconds = time.perf_counter() - wall
+    return {"seconds": seconds, "images": args.epochs * steps * params.batch_size,
+            "test_accuracy": None, "warmup_seconds": warmup, "epoch_images": images,
+            "cpu_share": cpu_share(cpu, wall),
+            "fused_kernels": fused_status(params, device)}
+
+
 def child_main(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     world = distributed.SINGLE
@@ -298,6 +378,8 @@ def child_main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.child == "reference":
         result = child_reference(args, device)
+    elif args.child == CONVOLUTIONS:
+        result = child_convolutions(args, device)
     else:
         result = child_project(args, args.child, device, world)
     if world.is_main:
@@ -328,7 +410,8 @@ def run_child(args: argparse.Namespace, row: str, load: int = 0) -> dict[str, An
            "--warmup", str(args.warmup), "--threads", str(args.threads),
            "--recipe-epochs", str(args.recipe_epochs), "--raw", str(args.raw),
            "--stats", str(args.stats)]
-    params = None if row == "reference" else variant_params(row.removeprefix("recipe:"))
+    params = (None if row in ("reference", CONVOLUTIONS)
+              else variant_params(row.removeprefix("recipe:")))
     if params is not None and params.nproc > 1:
         # torchrun's own --standalone launch; threads split as the train stage splits them
         cmd, env = distributed.plan_torchrun(params.nproc, torch.device(args.device), "auto",
@@ -336,7 +419,7 @@ def run_child(args: argparse.Namespace, row: str, load: int = 0) -> dict[str, An
                                              os.environ, cmd)
     else:
         cmd, env = [sys.executable, *cmd], dict(os.environ)
-    if params is not None:  # the project's rows wait at OpenMP barriers as the train stage does
+    if row != "reference":  # the project's rows wait at OpenMP barriers as the train stage does
         env.update(openmp.wait_policy(env))
     busy = busy_processes(load)
     try:
@@ -355,7 +438,7 @@ Row = tuple[str, int]  # (name, busy processes beside it)
 def benchmark(args: argparse.Namespace, variants: list[str]) -> dict[Row, list[dict]]:
     """Every row `repeats` times, quiet and (the loaded ones) under load, alternating in ABBA
     order so that drifts hit all alike."""
-    names = ["reference", *variants]
+    names = ["reference", *variants, *([CONVOLUTIONS] if args.convolutions else [])]
     rows: list[Row] = [(n, 0) for n in names]
     if args.load:
         rows += [(n, args.load) for n in names if n in (args.loaded or names)]
@@ -366,9 +449,11 @@ def benchmark(args: argparse.Namespace, variants: list[str]) -> dict[Row, list[d
             runs[name, load].append(run)
             kernels = f", fused kernels {run['fused_kernels']}" if "fused_kernels" in run else ""
             loaded = f" beside {load} busy process(es)" if load else ""
+            accuracy = ("" if name == CONVOLUTIONS
+                        else f", accuracy {run['test_accuracy']:.4f}")
             print(f"[{repeat + 1}/{args.repeats}] {name}{loaded}: {run['seconds']:.2f} s, "
-                  f"{run['images'] / run['seconds']:.0f} images/s, accuracy "
-                  f"{run['test_accuracy']:.4f}, warm-up {run['warmup_seconds']:.1f} s{kernels}",
+                  f"{run['images'] / run['seconds']:.0f} images/s{accuracy}, warm-up "
+                  f"{run['warmup_seconds']:.1f} s{kernels}",
                   file=sys.stderr, flush=True)
     return runs
 
@@ -385,11 +470,12 @@ def summarise(name: str, runs: list[dict], reference_ips: float, load: int = 0,
     loaded = {"load": load, "slowdown": quiet_ips / ips} if quiet_ips else {}
     return {
         "name": name, **loaded,
-        "overrides": None if name == "reference" else parse_variant(name),
+        "overrides": None if name in ("reference", CONVOLUTIONS) else parse_variant(name),
         "seconds_per_epoch": runs[0]["epoch_images"] / ips,
         "images_per_second": ips,
         "ratio": ips / reference_ips,
-        "test_accuracy": statistics.median(r["test_accuracy"] for r in runs),
+        "test_accuracy": None if name == CONVOLUTIONS else statistics.median(
+            r["test_accuracy"] for r in runs),
         "warmup_seconds": statistics.median(r["warmup_seconds"] for r in runs),
         "cpu_share": statistics.median(r["cpu_share"] for r in runs),
         "runs": runs,
@@ -421,7 +507,8 @@ def make_report(
         "rows": rows,
         "loaded_rows": loaded_rows,
         "speedup": rows[1]["ratio"],  # the first project variant (default unless named)
-        "speedups": {row["name"]: row["ratio"] for row in rows[1:]},
+        "speedups": {row["name"]: row["ratio"] for row in rows[1:]
+                     if row["name"] != CONVOLUTIONS},
         "recipe": recipe,
     }
 
@@ -441,9 +528,10 @@ def format_table(report: dict[str, Any]) -> str:
     ]
     for row in report["rows"]:
         name = row["name"] if row["name"] == "reference" else f"project {row['name']}"
+        accuracy = "-" if row["name"] == CONVOLUTIONS else f"{row['test_accuracy']:.2%}"
         lines.append(
             f"{name:<40}{row['seconds_per_epoch']:>9.2f}{row['images_per_second']:>10.0f}"
-            f"{row['ratio']:>7.2f}x{row['test_accuracy']:>10.2%}{row['warmup_seconds']:>11.1f}"
+            f"{row['ratio']:>7.2f}x{accuracy:>10}{row['warmup_seconds']:>11.1f}"
             f"{row['cpu_share']:>9.0%}")
     if report["loaded_rows"]:
         lines.append(f"beside {s['load']} busy process(es): {'':<18}{'s/epoch':>9}"
@@ -480,6 +568,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--loaded", action="append",
                    help="a row to time under --load too: reference or a --variant "
                         "(repeatable; default: every row)")
+    p.add_argument("--convolutions", action="store_true",
+                   help="also time the default's oneDNN convolutions alone (forward, input "
+                        "and weight gradients; quiet only): the speed that no fp32 change "
+                        "elsewhere in the step can pass")
     p.add_argument("--recipe", action=argparse.BooleanOptionalAction, default=None,
                    help="also train each variant's whole recipe: time to 99.5%% test accuracy "
                         "(default: on for cuda)")

@@ -126,11 +126,13 @@ def test_bench_times_the_loaded_rows_beside_busy_processes_and_stops_them(tiny, 
     out = tmp_path / "out.json"
     done = run_bench(env, "--device", "cpu", "--steps", "2", "--warmup", "1", "--threads", "1",
                      "--variant", "default", "--variant", "unfused", "--load", "1",
-                     "--loaded", "reference", "--loaded", "default", "--raw", str(raw),
-                     "--stats", str(tmp_path / "none.json"), "--json", str(out))
+                     "--loaded", "reference", "--loaded", "default", "--convolutions",
+                     "--raw", str(raw), "--stats", str(tmp_path / "none.json"),
+                     "--json", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert [r["name"] for r in report["rows"]] == ["reference", "default", "unfused"]
+    names = ["reference", "default", "unfused", "convolutions"]
+    assert [r["name"] for r in report["rows"]] == names
     loaded = {r["name"]: r for r in report["loaded_rows"]}
     assert list(loaded) == ["reference", "default"] and report["settings"]["load"] == 1
     quiet = {r["name"]: r for r in report["rows"]}
@@ -141,6 +143,32 @@ def test_bench_times_the_loaded_rows_beside_busy_processes_and_stops_them(tiny, 
     assert loaded["reference"]["ratio"] == 1.0 and loaded["default"]["ratio"] > 0
     assert "beside 1 busy process(es)" in done.stdout
     assert not _busy_loops()
+    # the convolutions alone: the same steps, timed, no model trained, quiet only
+    alone = quiet["convolutions"]
+    assert alone["runs"][0]["images"] == 200 and alone["images_per_second"] > 0
+    assert alone["overrides"] is None and alone["test_accuracy"] is None
+    assert list(report["speedups"]) == ["default", "unfused"]
+    assert "project convolutions" in done.stdout
+
+
+def test_convolutions_row_times_what_onednn_computes_in_the_default_step(bench):
+    """The convolutions oneDNN computes: all three, or the second and third when the fused
+    kernel computes the first; their multiply-adds from the model's shapes; one timed step
+    computes each one's input and weight gradients."""
+    from mnist_pipeline import fused
+
+    cpu = torch.device("cpu")
+    params = TrainParams()
+    calls = bench.onednn_convolutions(params, cpu)
+    first = 100 * 16 * 28 * 28 * 1 * 9  # 1 -> 16 channels, 3x3, at 28 x 28
+    rest = 100 * (32 * 28 * 28 * 16 * 9 + 64 * 14 * 14 * 32 * 9)  # 16 -> 32; 32 -> 64 at 14
+    fused_first = fused.status(params, cpu) == "on"
+    assert [c.input_shape[1] for c in calls] == ([16, 32] if fused_first else [1, 16, 32])
+    assert sum(c.macs for c in calls) == rest + (0 if fused_first else first)
+    assert all(c.conv.weight.is_contiguous(memory_format=torch.channels_last) for c in calls)
+    plain = bench.onednn_convolutions(bench.variant_params("plain"), cpu)
+    assert sum(c.macs for c in plain) == rest + first  # no fused kernels: all three
+    bench.convolution_steps(params, cpu, 1)  # runs: forward and both gradients
 
 
 def test_busy_process_runs_until_stopped(bench):
@@ -225,23 +253,18 @@ def test_accuracy_bench_scores_each_seed_as_the_evaluate_stage_does(tmp_path):
     assert json.loads(result.read_text())["results"] == first["results"]
 
 
-def test_step_profile_groups_the_step_and_counts_the_convolutions(tmp_path):
+def test_step_profile_groups_the_step_and_measures_the_peak(tmp_path):
     """bench/step_profile.py: every operator's time lands in one group (shares sum to 1),
-    the convolutions are the oneDNN ones, and their multiply-adds match the model's shapes."""
+    the convolutions are the oneDNN ones, and the CPU's multiply-add peak is measured."""
     profile = load_script(ROOT / "bench" / "step_profile.py")
-    from mnist_pipeline.model import MnistCNN
-
-    # conv2: 16 -> 32 channels at 28 x 28, conv3: 32 -> 64 at 14 x 14; 3x3; forward,
-    # input gradient and weight gradient (conv1 is the fused kernel's)
-    expected = 3 * 100 * (32 * 28 * 28 * 16 * 9 + 64 * 14 * 14 * 32 * 9)
-    assert profile.onednn_conv_macs(MnistCNN(), 100) == expected
     assert profile.group_of("aten::convolution_backward") == "convolution (oneDNN)"
     assert profile.group_of("_BnPoolReluBackward") == "fused kernels"
     assert profile.group_of("aten::nll_loss_backward") == profile.OTHER
 
     out = tmp_path / "profile.json"
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "step_profile.py"), "--steps",
-                           "2", "--warmup", "1", "--threads", "1", "--json", str(out)],
+                           "2", "--warmup", "1", "--rounds", "2", "--threads", "1", "--json",
+                           str(out)],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -249,5 +272,6 @@ def test_step_profile_groups_the_step_and_counts_the_convolutions(tmp_path):
     assert sum(shares.values()) == pytest.approx(1.0)
     assert shares["convolution (oneDNN)"] > 0 and shares["linear layers"] > 0
     assert result["conv_gflops"] > 0 and result["matmul_gflops"] > 0
+    assert result["fma_peak_gflops"] > 0 and result["rounds"] == 2
     assert result["machine"]["threads"] == 1 and result["steps"] == 2
     assert "oneDNN convolutions:" in done.stdout

@@ -46,9 +46,10 @@ def _accuracy(name: str, overrides: dict, accuracies: list[float]) -> dict:
             "train_seconds": 600.0, "mean": mean, "ensemble": 0.998}
 
 
-def _write(folder, speed: dict, fp32: list[float], bf16: list[float]) -> None:
+def _write(folder, speed: dict, fp32: list[float], bf16: list[float], **profile_extra) -> None:
     profile = {"machine": MACHINE, "command": "python bench/step_profile.py", "steps": 60,
                "fused_kernels": "on", "conv_gflops": 150.0, "matmul_gflops": 200.0,
+               **profile_extra,
                "groups": [{"name": "convolution (oneDNN)", "seconds": 1.0, "share": 0.625},
                           {"name": "fused kernels", "seconds": 0.6, "share": 0.375}]}
     accuracy = {"machine": MACHINE, "command": "python bench/accuracy.py",
@@ -74,6 +75,23 @@ def test_profile_bounds_the_default_by_its_convolution_share(report, tmp_path):
     assert "| convolution (oneDNN) | 1.000 | 62% |" in text  # (0.625 rounds to even)
     assert "run at 150 GFLOP/s, 75% of the 200 GFLOP/s" in text
     assert "the default would train at 4.00x the reference (its 2.50x" in text
+
+
+def test_profile_bounds_the_default_by_its_convolutions_timed_alone(report, tmp_path):
+    """With the speed table's `convolutions` row, the bound is that row's ratio, and the
+    convolutions' rate is read against the measured multiply-add peak."""
+    speed = _speed(3.0)
+    speed["rows"].append({**_row("convolutions", 3200, 3.2), "test_accuracy": None})
+    _write(tmp_path, speed, [0.997], [0.997], fma_peak_gflops=250.0)
+    text = report.report(tmp_path)
+    assert ("| the default's oneDNN convolutions alone (no training) | 18.75 | 3200 | 3.20x | - |"
+            in text)
+    assert "run at 150 GFLOP/s, 60% of this CPU's fp32 multiply-add peak (250 GFLOP/s" in text
+    assert "a 2048 x 2048 matrix multiply reaches 200 GFLOP/s" in text
+    assert ("they take 18.75 s per epoch of the default's 24.00 s: even if everything else in "
+            "the step took no time at all, the default would train at 3.20x the reference "
+            "(it trains at 2.50x)") in text
+    assert "4.00x" not in text  # not the share-based estimate
 
 
 @pytest.mark.parametrize("bf16_ratio, bf16_acc, offered", [
