@@ -63,7 +63,11 @@ from mnist_pipeline.io import write_json  # noqa: E402
 from mnist_pipeline.loop import build_state, fit, to_tensor, validate  # noqa: E402
 from mnist_pipeline.model import MnistCNN  # noqa: E402
 from mnist_pipeline.params import TrainParams  # noqa: E402
-from mnist_pipeline.runtime import configure_determinism, cpu_model  # noqa: E402
+from mnist_pipeline.runtime import (  # noqa: E402
+    configure_determinism,
+    cpu_model,
+    tune_cpu_allocator,
+)
 from reference import (  # noqa: E402
     CNN,
     LEARNING_RATE,
@@ -351,6 +355,9 @@ def convolution_steps(params: TrainParams, device: torch.device, steps: int) -> 
 
 def child_convolutions(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     params = variant_params("default")
+    configure_determinism(device, params.cuda_deterministic)  # as run_project and fit
+    if device.type == "cpu":
+        tune_cpu_allocator()
     images = epoch_images(args.raw, params.batch_size)
     steps = args.steps or images // params.batch_size
     start = time.perf_counter()
