@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -167,13 +168,12 @@ def profile_section(profile: dict[str, Any], speed: dict[str, Any] | None) -> li
     """Where the default's step goes, and the speed that its convolutions leave it at most."""
     groups = {g["name"]: g for g in profile["groups"]}
     conv = groups["convolution (oneDNN)"]
-    peak = profile.get("fma_peak_gflops")
-    rounds = profile.get("rounds", 1)
+    rounds, steps = profile.get("rounds", 1), profile["steps"]
     lines = [
         "### Where the default's time goes",
         "",
         "Self CPU time of each operator under `torch.profiler`, grouped, for "
-        f"{profile['steps']} steps of the default row's training (fused kernels "
+        f"{steps} steps of the default row's training (fused kernels "
         f"{profile['fused_kernels']})"
         + (f", the fastest of {rounds} rounds on fresh models" if rounds > 1 else "")
         + ", with the rate of the convolutions that oneDNN computes (the second and third: "
@@ -186,30 +186,42 @@ def profile_section(profile: dict[str, Any], speed: dict[str, Any] | None) -> li
         "| part of the step | seconds | share |",
         "|------------------|--------:|------:|",
         *(f"| {g['name']} | {g['seconds']:.3f} | {g['share']:.0%} |" for g in profile["groups"]),
-        "",
     ]
-    rate = f"The oneDNN convolutions run at {profile['conv_gflops']:.0f} GFLOP/s"
+    if "unprofiled_wall_seconds" in profile:
+        lines += ["", "The profiler slows the step, the small operators most: its fastest round "
+                  f"took {profile['wall_seconds'] / steps * 1000:.1f} ms per step, the same "
+                  f"steps unprofiled {profile['unprofiled_wall_seconds'] / steps * 1000:.1f} ms. "
+                  "The shares are of profiled time; the rate and bound below come from "
+                  "unprofiled runs where the speed table has them."]
+    rows = {r["name"]: r for r in speed["rows"]} if speed else {}
+    alone = rows.get("convolutions")
+    if alone and all("flops" in run for run in alone["runs"]):
+        gflops = statistics.median(run["flops"] / run["seconds"] for run in alone["runs"]) / 1e9
+        rate = (f"Timed alone (the speed table's `convolutions` row), the oneDNN convolutions "
+                f"run at {gflops:.0f} GFLOP/s")
+    else:
+        gflops = profile["conv_gflops"]
+        rate = f"The oneDNN convolutions run at {gflops:.0f} GFLOP/s under the profiler"
+    peak = profile.get("fma_peak_gflops")
     if peak:
-        rate += (f", {profile['conv_gflops'] / peak:.0%} of this CPU's fp32 multiply-add peak "
+        rate += (f", {gflops / peak:.0%} of this CPU's fp32 multiply-add peak "
                  f"({peak:.0f} GFLOP/s: independent vector multiply-adds in registers); a "
                  f"2048 x 2048 matrix multiply reaches {profile['matmul_gflops']:.0f} GFLOP/s.")
     else:
-        rate += (f", {profile['conv_gflops'] / profile['matmul_gflops']:.0%} of the "
+        rate += (f", {gflops / profile['matmul_gflops']:.0%} of the "
                  f"{profile['matmul_gflops']:.0f} GFLOP/s of a 2048 x 2048 matrix multiply.")
-    lines.append(rate)
-    rows = {r["name"]: r for r in speed["rows"]} if speed else {}
+    lines += ["", rate]
     if "default" not in rows:
         return lines
     default = rows["default"]
-    if "convolutions" in rows:
-        alone = rows["convolutions"]
+    if alone:
         lines[-1] += (
-            " Timed alone in the speed table's invocation (its `convolutions` row: the same "
-            "convolutions' forward, input and weight gradients on random data, nothing "
-            f"else), they take {alone['seconds_per_epoch']:.2f} s per epoch of the default's "
-            f"{default['seconds_per_epoch']:.2f} s: even if everything else in the step took "
-            f"no time at all, the default would train at {alone['ratio']:.2f}x the reference "
-            f"(it trains at {default['ratio']:.2f}x).")
+            f" They take {alone['seconds_per_epoch']:.2f} s per epoch alone (forward, input "
+            "and weight gradients on random data, nothing else; same invocation), "
+            f"{alone['seconds_per_epoch'] / default['seconds_per_epoch']:.0%} of the "
+            f"default's {default['seconds_per_epoch']:.2f} s: even if everything else in the "
+            f"step took no time at all, the default would train at {alone['ratio']:.2f}x the "
+            f"reference (it trains at {default['ratio']:.2f}x).")
     else:
         lines[-1] += (
             " If everything else in the step took no time at all, the default would train "

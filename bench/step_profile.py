@@ -5,7 +5,8 @@
 Trains with the train stage's loop (`mnist_pipeline.loop.fit`, TrainParams' field defaults:
 the reference recipe with the project's speed options, as the `default` row of
 bench/train_speed.py) on random batches of MNIST's shape under torch.profiler, after untimed
-warm-up steps, a few rounds on fresh models (the fastest round kept), and sorts every
+warm-up steps, a few rounds on fresh models (the fastest round kept; the same steps are also
+timed unprofiled, since the profiler slows the step by a varying amount), and sorts every
 operator's self CPU time into: the convolutions that oneDNN computes (forward and backward),
 the fused kernels (csrc/fused_bn.cpp, the first convolution included), the linear layers,
 the optimizer, and the rest. It counts the oneDNN convolutions' multiply-adds from the
@@ -45,7 +46,7 @@ from mnist_pipeline.io import write_json  # noqa: E402
 from mnist_pipeline.loop import build_state, fit  # noqa: E402
 from mnist_pipeline.params import TrainParams  # noqa: E402
 from mnist_pipeline.runtime import configure_determinism, cpu_model  # noqa: E402
-from train_speed import onednn_convolutions  # noqa: E402
+from train_speed import convolution_flops  # noqa: E402
 
 # Operator name -> group, by the first prefix that matches (self CPU time).
 GROUPS = (
@@ -129,6 +130,9 @@ def measure(steps: int, warmup: int, rounds: int = 1) -> dict[str, Any]:
 
     fit(build_state(params, device), params, *batches(warmup))
     x, y = batches(steps)
+    start = time.perf_counter()  # the same steps unprofiled: what the profiler adds
+    fit(build_state(params, device), params, x, y)
+    unprofiled = time.perf_counter() - start
     profiled = []
     for _ in range(rounds):
         state = build_state(params, device)
@@ -142,11 +146,11 @@ def measure(steps: int, warmup: int, rounds: int = 1) -> dict[str, Any]:
     for event in prof.key_averages():
         seconds[group_of(event.key)] += event.self_cpu_time_total / 1e6
     total = sum(seconds.values())
-    # forward, input gradient and weight gradient: as many multiply-adds each
-    conv_flops = 2 * 3 * sum(call.macs for call in onednn_convolutions(params, device)) * steps
+    conv_flops = convolution_flops(params, device) * steps
     conv_seconds = seconds["convolution (oneDNN)"]
     return {
         "steps": steps, "warmup_steps": warmup, "rounds": rounds, "wall_seconds": wall,
+        "unprofiled_wall_seconds": unprofiled,
         "fused_kernels": fused.status(params, device, state.model),
         "groups": [{"name": name, "seconds": s, "share": s / total}
                    for name, s in seconds.items()],

@@ -335,6 +335,12 @@ def onednn_convolutions(params: TrainParams, device: torch.device) -> list[ConvC
     return calls[1:] if fused_first else calls
 
 
+def convolution_flops(params: TrainParams, device: torch.device) -> int:
+    """Floating-point operations of the oneDNN convolutions in one training step: forward,
+    input gradient and weight gradient, as many multiply-adds each."""
+    return 2 * 3 * sum(call.macs for call in onednn_convolutions(params, device))
+
+
 def convolution_steps(params: TrainParams, device: torch.device, steps: int) -> None:
     """`steps` times what the oneDNN convolutions of one training step compute: each one's
     forward and its input and weight gradients (autograd, as in the step), on random data in
@@ -369,6 +375,7 @@ def child_convolutions(args: argparse.Namespace, device: torch.device) -> dict[s
     sync(device)
     seconds = time.perf_counter() - wall
     return {"seconds": seconds, "images": args.epochs * steps * params.batch_size,
+            "flops": convolution_flops(params, device) * steps * args.epochs,
             "test_accuracy": None, "warmup_seconds": warmup, "epoch_images": images,
             "cpu_share": cpu_share(cpu, wall),
             "fused_kernels": fused_status(params, device)}

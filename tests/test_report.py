@@ -73,24 +73,31 @@ def test_profile_bounds_the_default_by_its_convolution_share(report, tmp_path):
     _write(tmp_path, _speed(3.0), [0.997], [0.997])
     text = report.report(tmp_path)
     assert "| convolution (oneDNN) | 1.000 | 62% |" in text  # (0.625 rounds to even)
-    assert "run at 150 GFLOP/s, 75% of the 200 GFLOP/s" in text
+    assert "run at 150 GFLOP/s under the profiler, 75% of the 200 GFLOP/s" in text
     assert "the default would train at 4.00x the reference (its 2.50x" in text
 
 
 def test_profile_bounds_the_default_by_its_convolutions_timed_alone(report, tmp_path):
-    """With the speed table's `convolutions` row, the bound is that row's ratio, and the
-    convolutions' rate is read against the measured multiply-add peak."""
+    """With the speed table's `convolutions` row, the bound is that row's ratio and the
+    convolutions' rate is that row's (unprofiled), read against the measured multiply-add
+    peak; the profiler's own cost is stated."""
     speed = _speed(3.0)
-    speed["rows"].append({**_row("convolutions", 3200, 3.2), "test_accuracy": None})
-    _write(tmp_path, speed, [0.997], [0.997], fma_peak_gflops=250.0)
+    alone = _row("convolutions", 3200, 3.2, test_accuracy=None)
+    alone["runs"] = [{**alone["runs"][0], "flops": 180e9}]  # 180 GFLOP in 15000/3200 s
+    speed["rows"].append(alone)
+    _write(tmp_path, speed, [0.997], [0.997], fma_peak_gflops=48.0, wall_seconds=3.0,
+           unprofiled_wall_seconds=2.4)
     text = report.report(tmp_path)
     assert ("| the default's oneDNN convolutions alone (no training) | 18.75 | 3200 | 3.20x | - |"
             in text)
-    assert "run at 150 GFLOP/s, 60% of this CPU's fp32 multiply-add peak (250 GFLOP/s" in text
+    assert "took 50.0 ms per step, the same steps unprofiled 40.0 ms" in text
+    assert ("the oneDNN convolutions run at 38 GFLOP/s, 80% of this CPU's fp32 multiply-add "
+            "peak (48 GFLOP/s") in text
     assert "a 2048 x 2048 matrix multiply reaches 200 GFLOP/s" in text
-    assert ("they take 18.75 s per epoch of the default's 24.00 s: even if everything else in "
-            "the step took no time at all, the default would train at 3.20x the reference "
-            "(it trains at 2.50x)") in text
+    assert ("They take 18.75 s per epoch alone (forward, input and weight gradients on random "
+            "data, nothing else; same invocation), 78% of the default's 24.00 s: even if "
+            "everything else in the step took no time at all, the default would train at 3.20x "
+            "the reference (it trains at 2.50x)") in text
     assert "4.00x" not in text  # not the share-based estimate
 
 
