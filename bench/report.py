@@ -188,7 +188,7 @@ def profile_section(profile: dict[str, Any], speed: dict[str, Any] | None) -> li
         *(f"| {g['name']} | {g['seconds']:.3f} | {g['share']:.0%} |" for g in profile["groups"]),
     ]
     if "unprofiled_wall_seconds" in profile:
-        lines += ["", "The profiler slows the step, the small operators most: its fastest round "
+        lines += ["", "The profiler slows the step: its fastest round "
                   f"took {profile['wall_seconds'] / steps * 1000:.1f} ms per step, the same "
                   f"steps unprofiled {profile['unprofiled_wall_seconds'] / steps * 1000:.1f} ms. "
                   "The shares are of profiled time; the rate and bound below come from "
