@@ -164,21 +164,55 @@ def loaded_section(speed: dict[str, Any]) -> list[str]:
     return lines
 
 
+def convolution_rate(profile: dict[str, Any], alone: dict[str, Any] | None) -> str:
+    """The oneDNN convolutions' rate (unprofiled, from the speed table's `convolutions` row
+    when there is one) against the CPU's fp32 peak and a matrix multiply."""
+    if alone:
+        gflops = statistics.median(run["flops"] / run["seconds"] for run in alone["runs"]) / 1e9
+        text = ("Timed alone (the speed table's `convolutions` row), the oneDNN convolutions "
+                f"run at {gflops:.0f} GFLOP/s")
+    else:
+        gflops = profile["conv_gflops"]
+        text = f"The oneDNN convolutions run at {gflops:.0f} GFLOP/s under the profiler"
+    peak = profile["fma_peak_gflops"]
+    if not peak:  # no C compiler for the peak's loop
+        return (text + f", {gflops / profile['matmul_gflops']:.0%} of the "
+                f"{profile['matmul_gflops']:.0f} GFLOP/s of a 2048 x 2048 matrix multiply.")
+    return (text + f", {gflops / peak:.0%} of this CPU's fp32 multiply-add peak ({peak:.0f} "
+            "GFLOP/s: independent vector multiply-adds in registers); a 2048 x 2048 matrix "
+            f"multiply reaches {profile['matmul_gflops']:.0f} GFLOP/s.")
+
+
+def convolution_bound(default: dict[str, Any], alone: dict[str, Any] | None,
+                      conv_share: float) -> str:
+    """The default's speed if nothing but its convolutions took time."""
+    if alone:
+        return (f" They take {alone['seconds_per_epoch']:.2f} s per epoch alone (forward, input "
+                "and weight gradients on random data, nothing else; same invocation as the "
+                f"default row), {alone['seconds_per_epoch'] / default['seconds_per_epoch']:.0%}"
+                f" of the default's {default['seconds_per_epoch']:.2f} s: even if everything "
+                "else in the step took no time at all, the default would train at about "
+                f"{alone['ratio']:.2f}x the reference (it trains at {default['ratio']:.2f}x).")
+    return (" If everything else in the step took no time at all, the default would train at "
+            f"about {default['ratio'] / conv_share:.2f}x the reference (its "
+            f"{default['ratio']:.2f}x above over the convolutions' {conv_share:.0%}).")
+
+
 def profile_section(profile: dict[str, Any], speed: dict[str, Any] | None) -> list[str]:
     """Where the default's step goes, and the speed that its convolutions leave it at most."""
-    groups = {g["name"]: g for g in profile["groups"]}
-    conv = groups["convolution (oneDNN)"]
-    rounds, steps = profile.get("rounds", 1), profile["steps"]
+    conv = next(g for g in profile["groups"] if g["name"] == "convolution (oneDNN)")
+    steps = profile["steps"]
+    rows = {r["name"]: r for r in speed["rows"]} if speed else {}
+    alone = rows.get("convolutions")
     lines = [
         "### Where the default's time goes",
         "",
         "Self CPU time of each operator under `torch.profiler`, grouped, for "
         f"{steps} steps of the default row's training (fused kernels "
-        f"{profile['fused_kernels']})"
-        + (f", the fastest of {rounds} rounds on fresh models" if rounds > 1 else "")
-        + ", with the rate of the convolutions that oneDNN computes (the second and third: "
-        "forward, input and weight gradients) against what this CPU's fp32 arithmetic "
-        "reaches on the same threads.",
+        f"{profile['fused_kernels']}), the fastest of {profile['rounds']} rounds on fresh "
+        "models, and this CPU's fp32 peak on the same threads, against which the rate of the "
+        "convolutions that oneDNN computes (the second and third: forward, input and weight "
+        "gradients) is read.",
         "",
         f"- Machine: {machine_line(profile['machine'])}",
         f"- Command: `make bench` (`{profile['command']}`)",
@@ -186,51 +220,23 @@ def profile_section(profile: dict[str, Any], speed: dict[str, Any] | None) -> li
         "| part of the step | seconds | share |",
         "|------------------|--------:|------:|",
         *(f"| {g['name']} | {g['seconds']:.3f} | {g['share']:.0%} |" for g in profile["groups"]),
+        "",
+        f"The profiler slows the step: its fastest round took "
+        f"{profile['wall_seconds'] / steps * 1000:.1f} ms per step, the same steps unprofiled "
+        f"{profile['unprofiled_wall_seconds'] / steps * 1000:.1f} ms. The shares are of "
+        "profiled time" + ("; the rate and the bound below come from unprofiled runs."
+                           if alone else "."),
+        "",
+        convolution_rate(profile, alone),
     ]
-    if "unprofiled_wall_seconds" in profile:
-        lines += ["", "The profiler slows the step: its fastest round "
-                  f"took {profile['wall_seconds'] / steps * 1000:.1f} ms per step, the same "
-                  f"steps unprofiled {profile['unprofiled_wall_seconds'] / steps * 1000:.1f} ms. "
-                  "The shares are of profiled time; the rate and bound below come from "
-                  "unprofiled runs where the speed table has them."]
-    rows = {r["name"]: r for r in speed["rows"]} if speed else {}
-    alone = rows.get("convolutions")
-    if alone and all("flops" in run for run in alone["runs"]):
-        gflops = statistics.median(run["flops"] / run["seconds"] for run in alone["runs"]) / 1e9
-        rate = (f"Timed alone (the speed table's `convolutions` row), the oneDNN convolutions "
-                f"run at {gflops:.0f} GFLOP/s")
-    else:
-        gflops = profile["conv_gflops"]
-        rate = f"The oneDNN convolutions run at {gflops:.0f} GFLOP/s under the profiler"
-    peak = profile.get("fma_peak_gflops")
-    if peak:
-        rate += (f", {gflops / peak:.0%} of this CPU's fp32 multiply-add peak "
-                 f"({peak:.0f} GFLOP/s: independent vector multiply-adds in registers); a "
-                 f"2048 x 2048 matrix multiply reaches {profile['matmul_gflops']:.0f} GFLOP/s.")
-    else:
-        rate += (f", {gflops / profile['matmul_gflops']:.0%} of the "
-                 f"{profile['matmul_gflops']:.0f} GFLOP/s of a 2048 x 2048 matrix multiply.")
-    lines += ["", rate]
-    if "default" not in rows:
-        return lines
-    default = rows["default"]
-    if alone:
+    if "default" in rows:
+        lines[-1] += convolution_bound(rows["default"], alone, conv["share"])
         lines[-1] += (
-            f" They take {alone['seconds_per_epoch']:.2f} s per epoch alone (forward, input "
-            "and weight gradients on random data, nothing else; same invocation), "
-            f"{alone['seconds_per_epoch'] / default['seconds_per_epoch']:.0%} of the "
-            f"default's {default['seconds_per_epoch']:.2f} s: even if everything else in the "
-            f"step took no time at all, the default would train at {alone['ratio']:.2f}x the "
-            f"reference (it trains at {default['ratio']:.2f}x).")
-    else:
-        lines[-1] += (
-            " If everything else in the step took no time at all, the default would train "
-            f"at {default['ratio'] / conv['share']:.2f}x the reference (its "
-            f"{default['ratio']:.2f}x above over the convolutions' {conv['share']:.0%}).")
-    lines[-1] += (
-        " So fp32 speed left to gain lies in the other parts (the fused kernels first), up to "
-        "that bound, or in convolutions with fewer multiplications (Winograd: PyTorch asks "
-        "oneDNN for direct convolutions); bf16 halves the bytes instead.")
+            " fp32 speed left to gain outside the convolutions is at most the gap between the "
+            "default and that bound (the fused kernels' share first); inside them, the gap "
+            "between their rate and the peak, or fewer multiplications (Winograd; PyTorch's "
+            "`mkldnn_convolution` asks oneDNN for direct convolutions). bf16 halves the bytes "
+            "instead.")
     return lines
 
 

@@ -41,12 +41,12 @@ os.environ.update(openmp.wait_policy(os.environ))  # as the train stage, before 
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+from convolutions import convolution_flops  # noqa: E402  (bench/convolutions.py)
 from mnist_pipeline import fused  # noqa: E402
 from mnist_pipeline.io import write_json  # noqa: E402
 from mnist_pipeline.loop import build_state, fit  # noqa: E402
 from mnist_pipeline.params import TrainParams  # noqa: E402
 from mnist_pipeline.runtime import configure_determinism, cpu_model  # noqa: E402
-from train_speed import convolution_flops  # noqa: E402
 
 # Operator name -> group, by the first prefix that matches (self CPU time).
 GROUPS = (
@@ -90,6 +90,7 @@ double fma_gflops(int threads, long iterations) {
     for (int k = 0; k < 10; ++k) sink += a[k][0];
   }
   double seconds = omp_get_wtime() - start;
+  // (reading sink keeps the compiler from dropping the loop)
   return sink == -1.0 ? 0.0 : 2.0 * 16 * 10 * (double)iterations * threads / seconds / 1e9;
 }
 """
@@ -107,7 +108,7 @@ def fma_peak_gflops(threads: int, iterations: int = 20_000_000,
         source.write_text(PEAK_SOURCE)
         built = subprocess.run([compiler, *fused.CFLAGS, "-ffp-contract=fast", "-shared",
                                 "-fPIC", str(source), "-o", str(library)],
-                               capture_output=True, check=False)
+                               capture_output=True, check=False, timeout=120)
         if built.returncode != 0:
             return None
         peak = ctypes.CDLL(str(library)).fma_gflops
@@ -115,9 +116,10 @@ def fma_peak_gflops(threads: int, iterations: int = 20_000_000,
         return max(peak(threads, iterations) for _ in range(repeats))
 
 
-def measure(steps: int, warmup: int, rounds: int = 1) -> dict[str, Any]:
+def measure(steps: int, warmup: int, rounds: int = 3) -> dict[str, Any]:
     """Profiles `steps` steps `rounds` times, each on a fresh model, and keeps the round of
-    the shortest wall time (the one least disturbed by whatever else the machine ran)."""
+    the shortest wall time (the one least disturbed by whatever else the machine ran); times
+    the same steps unprofiled as often (the fastest kept)."""
     device = torch.device("cpu")
     params = dataclasses.replace(TrainParams(), epochs=1)
     configure_determinism(device, params.cuda_deterministic)
@@ -128,18 +130,19 @@ def measure(steps: int, warmup: int, rounds: int = 1) -> dict[str, Any]:
         y = torch.randint(0, 10, (n * params.batch_size,), generator=generator)
         return x.contiguous(memory_format=torch.channels_last), y
 
+    def timed_fit() -> float:
+        state = build_state(params, device)
+        start = time.perf_counter()
+        fit(state, params, x, y)
+        return time.perf_counter() - start
+
     fit(build_state(params, device), params, *batches(warmup))
     x, y = batches(steps)
-    start = time.perf_counter()  # the same steps unprofiled: what the profiler adds
-    fit(build_state(params, device), params, x, y)
-    unprofiled = time.perf_counter() - start
-    profiled = []
-    for _ in range(rounds):
-        state = build_state(params, device)
+    unprofiled, profiled = [], []
+    for _ in range(rounds):  # the same steps unprofiled too: what the profiler adds
+        unprofiled.append(timed_fit())
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            start = time.perf_counter()
-            fit(state, params, x, y)
-            profiled.append((time.perf_counter() - start, prof))
+            profiled.append((timed_fit(), prof))
     wall, prof = min(profiled, key=lambda round_: round_[0])
     seconds: dict[str, float] = {group: 0.0 for group, _ in GROUPS}
     seconds[OTHER] = 0.0
@@ -150,8 +153,8 @@ def measure(steps: int, warmup: int, rounds: int = 1) -> dict[str, Any]:
     conv_seconds = seconds["convolution (oneDNN)"]
     return {
         "steps": steps, "warmup_steps": warmup, "rounds": rounds, "wall_seconds": wall,
-        "unprofiled_wall_seconds": unprofiled,
-        "fused_kernels": fused.status(params, device, state.model),
+        "unprofiled_wall_seconds": min(unprofiled),
+        "fused_kernels": fused.status(params, device, build_state(params, device).model),
         "groups": [{"name": name, "seconds": s, "share": s / total}
                    for name, s in seconds.items()],
         "conv_gflops": conv_flops / conv_seconds / 1e9,

@@ -46,22 +46,21 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 # Measure this checkout's code, whether or not the package is installed.
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "bench")]
 
+import convolutions  # noqa: E402  (bench/convolutions.py)
 from mnist_pipeline import distributed, openmp  # noqa: E402
 from mnist_pipeline.data import SPLITS, load_split  # noqa: E402
 from mnist_pipeline.fused import status as fused_status  # noqa: E402
 from mnist_pipeline.io import write_json  # noqa: E402
 from mnist_pipeline.loop import build_state, fit, to_tensor, validate  # noqa: E402
-from mnist_pipeline.model import MnistCNN  # noqa: E402
 from mnist_pipeline.params import TrainParams  # noqa: E402
 from mnist_pipeline.runtime import (  # noqa: E402
     configure_determinism,
@@ -298,67 +297,6 @@ def child_reference(args: argparse.Namespace, device: torch.device) -> dict[str,
             "cpu_share": cpu_share(cpu, wall)}
 
 
-class ConvCall(NamedTuple):
-    """One convolution of a training step, with its input's and output's shapes."""
-    conv: nn.Conv2d
-    input_shape: torch.Size
-    output_shape: torch.Size
-
-    @property
-    def macs(self) -> int:
-        """Multiply-adds of its forward (the input and weight gradients take as many)."""
-        kh, kw = self.conv.kernel_size
-        return self.output_shape.numel() * self.conv.in_channels // self.conv.groups * kh * kw
-
-
-def onednn_convolutions(params: TrainParams, device: torch.device) -> list[ConvCall]:
-    """The convolutions of `params`' model that oneDNN computes in a training step (all but
-    the first when the fused kernels compute it), for one batch."""
-    model = MnistCNN().to(device)
-    if params.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    calls: list[ConvCall] = []
-
-    def record(conv: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        assert isinstance(conv, nn.Conv2d)
-        calls.append(ConvCall(conv, inputs[0].shape, out.shape))
-
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    hooks = [conv.register_forward_hook(record) for conv in convs]
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(params.batch_size, 1, 28, 28, device=device))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    fused_first = fused_status(params, device, model.train()) == "on"
-    return calls[1:] if fused_first else calls
-
-
-def convolution_flops(params: TrainParams, device: torch.device) -> int:
-    """Floating-point operations of the oneDNN convolutions in one training step: forward,
-    input gradient and weight gradient, as many multiply-adds each."""
-    return 2 * 3 * sum(call.macs for call in onednn_convolutions(params, device))
-
-
-def convolution_steps(params: TrainParams, device: torch.device, steps: int) -> None:
-    """`steps` times what the oneDNN convolutions of one training step compute: each one's
-    forward and its input and weight gradients (autograd, as in the step), on random data in
-    the model's memory format."""
-    memory_format = torch.channels_last if params.channels_last else torch.contiguous_format
-    generator = torch.Generator(device).manual_seed(0)
-    work = []
-    for conv, shape, _ in onednn_convolutions(params, device):
-        x = torch.randn(shape, device=device, generator=generator)
-        x = x.contiguous(memory_format=memory_format).requires_grad_()
-        with torch.no_grad():
-            grad = torch.randn_like(conv(x)).contiguous(memory_format=memory_format)
-        work.append((conv, x, grad))
-    for _ in range(steps):
-        for conv, x, grad in work:
-            torch.autograd.grad(conv(x), (x, *conv.parameters()), grad)
-
-
 def child_convolutions(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     params = variant_params("default")
     configure_determinism(device, params.cuda_deterministic)  # as run_project and fit
@@ -367,15 +305,16 @@ def child_convolutions(args: argparse.Namespace, device: torch.device) -> dict[s
     images = epoch_images(args.raw, params.batch_size)
     steps = args.steps or images // params.batch_size
     start = time.perf_counter()
-    convolution_steps(params, device, args.warmup)
+    work = convolutions.prepare(params, device)
+    convolutions.run(work, args.warmup)
     warmup = time.perf_counter() - start
     cpu, wall = time.process_time(), time.perf_counter()
     sync(device)
-    convolution_steps(params, device, steps * args.epochs)
+    convolutions.run(work, steps * args.epochs)
     sync(device)
     seconds = time.perf_counter() - wall
     return {"seconds": seconds, "images": args.epochs * steps * params.batch_size,
-            "flops": convolution_flops(params, device) * steps * args.epochs,
+            "flops": convolutions.convolution_flops(params, device) * steps * args.epochs,
             "test_accuracy": None, "warmup_seconds": warmup, "epoch_images": images,
             "cpu_share": cpu_share(cpu, wall),
             "fused_kernels": fused_status(params, device)}
@@ -455,7 +394,8 @@ def benchmark(args: argparse.Namespace, variants: list[str]) -> dict[Row, list[d
     names = ["reference", *variants, *([CONVOLUTIONS] if args.convolutions else [])]
     rows: list[Row] = [(n, 0) for n in names]
     if args.load:
-        rows += [(n, args.load) for n in names if n in (args.loaded or names)]
+        rows += [(n, args.load) for n in names
+                 if n in (args.loaded or names) and n != CONVOLUTIONS]
     runs: dict[Row, list[dict]] = {row: [] for row in rows}
     for repeat in range(args.repeats):
         for name, load in rows if repeat % 2 == 0 else rows[::-1]:
@@ -463,7 +403,7 @@ def benchmark(args: argparse.Namespace, variants: list[str]) -> dict[Row, list[d
             runs[name, load].append(run)
             kernels = f", fused kernels {run['fused_kernels']}" if "fused_kernels" in run else ""
             loaded = f" beside {load} busy process(es)" if load else ""
-            accuracy = ("" if name == CONVOLUTIONS
+            accuracy = ("" if run["test_accuracy"] is None
                         else f", accuracy {run['test_accuracy']:.4f}")
             print(f"[{repeat + 1}/{args.repeats}] {name}{loaded}: {run['seconds']:.2f} s, "
                   f"{run['images'] / run['seconds']:.0f} images/s{accuracy}, warm-up "
@@ -488,7 +428,7 @@ def summarise(name: str, runs: list[dict], reference_ips: float, load: int = 0,
         "seconds_per_epoch": runs[0]["epoch_images"] / ips,
         "images_per_second": ips,
         "ratio": ips / reference_ips,
-        "test_accuracy": None if name == CONVOLUTIONS else statistics.median(
+        "test_accuracy": None if runs[0]["test_accuracy"] is None else statistics.median(
             r["test_accuracy"] for r in runs),
         "warmup_seconds": statistics.median(r["warmup_seconds"] for r in runs),
         "cpu_share": statistics.median(r["cpu_share"] for r in runs),
@@ -541,8 +481,9 @@ def format_table(report: dict[str, Any]) -> str:
         f"{'warm-up s':>11}{'CPU use':>9}",
     ]
     for row in report["rows"]:
-        name = row["name"] if row["name"] == "reference" else f"project {row['name']}"
-        accuracy = "-" if row["name"] == CONVOLUTIONS else f"{row['test_accuracy']:.2%}"
+        name = (row["name"] if row["name"] in ("reference", CONVOLUTIONS)
+                else f"project {row['name']}")
+        accuracy = "-" if row["test_accuracy"] is None else f"{row['test_accuracy']:.2%}"
         lines.append(
             f"{name:<40}{row['seconds_per_epoch']:>9.2f}{row['images_per_second']:>10.0f}"
             f"{row['ratio']:>7.2f}x{accuracy:>10}{row['warmup_seconds']:>11.1f}"
@@ -581,11 +522,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "only)")
     p.add_argument("--loaded", action="append",
                    help="a row to time under --load too: reference or a --variant "
-                        "(repeatable; default: every row)")
+                        "(repeatable; default: every row but --convolutions)")
     p.add_argument("--convolutions", action="store_true",
                    help="also time the default's oneDNN convolutions alone (forward, input "
-                        "and weight gradients; quiet only): the speed that no fp32 change "
-                        "elsewhere in the step can pass")
+                        "and weight gradients; never under --load): the speed that no fp32 "
+                        "change elsewhere in the step can pass")
     p.add_argument("--recipe", action=argparse.BooleanOptionalAction, default=None,
                    help="also train each variant's whole recipe: time to 99.5%% test accuracy "
                         "(default: on for cuda)")

@@ -148,27 +148,45 @@ def test_bench_times_the_loaded_rows_beside_busy_processes_and_stops_them(tiny, 
     assert alone["runs"][0]["images"] == 200 and alone["images_per_second"] > 0
     assert alone["overrides"] is None and alone["test_accuracy"] is None
     assert list(report["speedups"]) == ["default", "unfused"]
-    assert "project convolutions" in done.stdout
+    assert "\nconvolutions " in done.stdout
 
 
-def test_convolutions_row_times_what_onednn_computes_in_the_default_step(bench):
-    """The convolutions oneDNN computes: all three, or the second and third when the fused
-    kernel computes the first; their multiply-adds from the model's shapes; one timed step
-    computes each one's input and weight gradients."""
+def test_convolutions_row_times_what_onednn_computes_in_the_default_step(monkeypatch):
+    """bench/convolutions.py: the convolutions oneDNN computes (all three, or the second and
+    third when the fused kernel computes the first), their arithmetic from the model's shapes,
+    and one run computes each one's forward and the gradients the step computes (none for
+    the image), in the step's memory format."""
     from mnist_pipeline import fused
 
-    cpu = torch.device("cpu")
-    params = TrainParams()
-    calls = bench.onednn_convolutions(params, cpu)
+    convs = load_script(ROOT / "bench" / "convolutions.py")
+    cpu, params = torch.device("cpu"), TrainParams()
     first = 100 * 16 * 28 * 28 * 1 * 9  # 1 -> 16 channels, 3x3, at 28 x 28
     rest = 100 * (32 * 28 * 28 * 16 * 9 + 64 * 14 * 14 * 32 * 9)  # 16 -> 32; 32 -> 64 at 14
     fused_first = fused.status(params, cpu) == "on"
+    calls = convs.onednn_convolutions(params, cpu)
     assert [c.input_shape[1] for c in calls] == ([16, 32] if fused_first else [1, 16, 32])
     assert sum(c.macs for c in calls) == rest + (0 if fused_first else first)
-    assert all(c.conv.weight.is_contiguous(memory_format=torch.channels_last) for c in calls)
-    plain = bench.onednn_convolutions(bench.variant_params("plain"), cpu)
-    assert sum(c.macs for c in plain) == rest + first  # no fused kernels: all three
-    bench.convolution_steps(params, cpu, 1)  # runs: forward and both gradients
+    # forward, input and weight gradients: 3 x the multiply-adds; the image's: 2 x
+    assert convs.convolution_flops(params, cpu) == 2 * (3 * rest + (0 if fused_first else
+                                                                    2 * first))
+    eager = dataclasses.replace(params, fused_kernels=False)
+    assert [c.input_grad for c in convs.onednn_convolutions(eager, cpu)] == [False, True, True]
+    assert convs.convolution_flops(eager, cpu) == 2 * (2 * first + 3 * rest)
+
+    work = convs.prepare(params, cpu)
+    assert [x.requires_grad for _, x, _ in work] == [c.input_grad for c in calls]
+    assert all(t.is_contiguous(memory_format=torch.channels_last)
+               for conv, x, grad in work for t in (conv.weight, x, grad))
+    asked = []
+    grad = torch.autograd.grad
+
+    def spy(outputs, inputs, grad_outputs):
+        asked.append(len(inputs))
+        return grad(outputs, inputs, grad_outputs)
+
+    monkeypatch.setattr(torch.autograd, "grad", spy)
+    convs.run(convs.prepare(eager, cpu), 2)
+    assert asked == [2, 3, 3] * 2  # (weight, bias) for the image's convolution
 
 
 def test_busy_process_runs_until_stopped(bench):

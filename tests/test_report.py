@@ -49,7 +49,8 @@ def _accuracy(name: str, overrides: dict, accuracies: list[float]) -> dict:
 def _write(folder, speed: dict, fp32: list[float], bf16: list[float], **profile_extra) -> None:
     profile = {"machine": MACHINE, "command": "python bench/step_profile.py", "steps": 60,
                "fused_kernels": "on", "conv_gflops": 150.0, "matmul_gflops": 200.0,
-               **profile_extra,
+               "rounds": 3, "wall_seconds": 3.0, "unprofiled_wall_seconds": 2.4,
+               "fma_peak_gflops": None, **profile_extra,
                "groups": [{"name": "convolution (oneDNN)", "seconds": 1.0, "share": 0.625},
                           {"name": "fused kernels", "seconds": 0.6, "share": 0.375}]}
     accuracy = {"machine": MACHINE, "command": "python bench/accuracy.py",
@@ -74,7 +75,9 @@ def test_profile_bounds_the_default_by_its_convolution_share(report, tmp_path):
     text = report.report(tmp_path)
     assert "| convolution (oneDNN) | 1.000 | 62% |" in text  # (0.625 rounds to even)
     assert "run at 150 GFLOP/s under the profiler, 75% of the 200 GFLOP/s" in text
-    assert "the default would train at 4.00x the reference (its 2.50x" in text
+    assert "the fastest of 3 rounds on fresh models" in text
+    assert "took 50.0 ms per step, the same steps unprofiled 40.0 ms" in text
+    assert "the default would train at about 4.00x the reference (its 2.50x" in text
 
 
 def test_profile_bounds_the_default_by_its_convolutions_timed_alone(report, tmp_path):
@@ -85,8 +88,7 @@ def test_profile_bounds_the_default_by_its_convolutions_timed_alone(report, tmp_
     alone = _row("convolutions", 3200, 3.2, test_accuracy=None)
     alone["runs"] = [{**alone["runs"][0], "flops": 180e9}]  # 180 GFLOP in 15000/3200 s
     speed["rows"].append(alone)
-    _write(tmp_path, speed, [0.997], [0.997], fma_peak_gflops=48.0, wall_seconds=3.0,
-           unprofiled_wall_seconds=2.4)
+    _write(tmp_path, speed, [0.997], [0.997], fma_peak_gflops=48.0)
     text = report.report(tmp_path)
     assert ("| the default's oneDNN convolutions alone (no training) | 18.75 | 3200 | 3.20x | - |"
             in text)
@@ -94,10 +96,11 @@ def test_profile_bounds_the_default_by_its_convolutions_timed_alone(report, tmp_
     assert ("the oneDNN convolutions run at 38 GFLOP/s, 80% of this CPU's fp32 multiply-add "
             "peak (48 GFLOP/s") in text
     assert "a 2048 x 2048 matrix multiply reaches 200 GFLOP/s" in text
+    assert "The shares are of profiled time; the rate and the bound below come from" in text
     assert ("They take 18.75 s per epoch alone (forward, input and weight gradients on random "
-            "data, nothing else; same invocation), 78% of the default's 24.00 s: even if "
-            "everything else in the step took no time at all, the default would train at 3.20x "
-            "the reference (it trains at 2.50x)") in text
+            "data, nothing else; same invocation as the default row), 78% of the default's "
+            "24.00 s: even if everything else in the step took no time at all, the default "
+            "would train at about 3.20x the reference (it trains at 2.50x)") in text
     assert "4.00x" not in text  # not the share-based estimate
 
 
