@@ -232,8 +232,8 @@ def profile_section(profile: dict[str, Any], speed: dict[str, Any] | None) -> li
     if "default" in rows:
         lines[-1] += convolution_bound(rows["default"], alone, conv["share"])
         lines[-1] += (
-            " fp32 speed left to gain outside the convolutions is at most the gap between the "
-            "default and that bound (the fused kernels' share first); inside them, the gap "
+            " In fp32, what is left to gain outside the convolutions is at most the gap between "
+            "the default and that bound (the fused kernels' share first); inside them, the gap "
             "between their rate and the peak, or fewer multiplications (Winograd; PyTorch's "
             "`mkldnn_convolution` asks oneDNN for direct convolutions). bf16 halves the bytes "
             "instead.")
