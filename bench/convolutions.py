@@ -65,27 +65,31 @@ def convolution_flops(params: TrainParams, device: torch.device) -> int:
     return sum(call.flops for call in onednn_convolutions(params, device))
 
 
-Work = list[tuple[nn.Conv2d, torch.Tensor, torch.Tensor]]  # (conv, input, output gradient)
+class Prepared(NamedTuple):
+    """One convolution's call, with a random input and output gradient for it."""
+    call: ConvCall
+    x: torch.Tensor
+    grad: torch.Tensor
 
 
-def prepare(params: TrainParams, device: torch.device) -> Work:
+def prepare(params: TrainParams, device: torch.device) -> list[Prepared]:
     """Random inputs and output gradients for `onednn_convolutions`, in the model's memory
     format; an input requires its gradient where the step computes it."""
     memory_format = torch.channels_last if params.channels_last else torch.contiguous_format
     generator = torch.Generator(device).manual_seed(0)
-    work: Work = []
+    work: list[Prepared] = []
     for call in onednn_convolutions(params, device):
         x = torch.randn(call.input_shape, device=device, generator=generator)
         x = x.contiguous(memory_format=memory_format).requires_grad_(call.input_grad)
         grad = torch.randn(call.output_shape, device=device, generator=generator)
-        work.append((call.conv, x, grad.contiguous(memory_format=memory_format)))
+        work.append(Prepared(call, x, grad.contiguous(memory_format=memory_format)))
     return work
 
 
-def run(work: Work, steps: int) -> None:
+def run(work: list[Prepared], steps: int) -> None:
     """`steps` times what the convolutions of one training step compute: each one's forward
     and its gradients (autograd, as in the step)."""
     for _ in range(steps):
-        for conv, x, grad in work:
-            inputs = (x, *conv.parameters()) if x.requires_grad else tuple(conv.parameters())
-            torch.autograd.grad(conv(x), inputs, grad)
+        for call, x, grad in work:
+            params = tuple(call.conv.parameters())
+            torch.autograd.grad(call.conv(x), (x, *params) if call.input_grad else params, grad)

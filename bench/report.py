@@ -107,7 +107,7 @@ def speed_section(speed: dict[str, Any]) -> list[str]:
         "|-----|--------:|---------:|-------------:|----------------------------:|--------:|",
     ]
     for name, r in rows.items():
-        accuracy = "-" if name == "convolutions" else pct(r["test_accuracy"])
+        accuracy = "-" if r["test_accuracy"] is None else pct(r["test_accuracy"])
         lines.append(f"| {row_name(name)} | "
                      f"{r['seconds_per_epoch']:.2f} | {r['images_per_second']:.0f} | "
                      f"{r['ratio']:.2f}x | {accuracy} | {r['cpu_share']:.0%} |")

@@ -39,6 +39,7 @@ from mnist_pipeline import openmp  # noqa: E402
 os.environ.update(openmp.wait_policy(os.environ))  # as the train stage, before torch loads
 
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from convolutions import convolution_flops  # noqa: E402  (bench/convolutions.py)
@@ -130,20 +131,20 @@ def measure(steps: int, warmup: int, rounds: int = 3) -> dict[str, Any]:
         y = torch.randint(0, 10, (n * params.batch_size,), generator=generator)
         return x.contiguous(memory_format=torch.channels_last), y
 
-    def timed_fit() -> float:
+    def timed_fit() -> tuple[float, nn.Module]:
         state = build_state(params, device)
         start = time.perf_counter()
         fit(state, params, x, y)
-        return time.perf_counter() - start
+        return time.perf_counter() - start, state.model
 
     fit(build_state(params, device), params, *batches(warmup))
     x, y = batches(steps)
     unprofiled, profiled = [], []
     for _ in range(rounds):  # the same steps unprofiled too: what the profiler adds
-        unprofiled.append(timed_fit())
+        unprofiled.append(timed_fit()[0])
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            profiled.append((timed_fit(), prof))
-    wall, prof = min(profiled, key=lambda round_: round_[0])
+            profiled.append((*timed_fit(), prof))
+    wall, model, prof = min(profiled, key=lambda round_: round_[0])
     seconds: dict[str, float] = {group: 0.0 for group, _ in GROUPS}
     seconds[OTHER] = 0.0
     for event in prof.key_averages():
@@ -154,7 +155,7 @@ def measure(steps: int, warmup: int, rounds: int = 3) -> dict[str, Any]:
     return {
         "steps": steps, "warmup_steps": warmup, "rounds": rounds, "wall_seconds": wall,
         "unprofiled_wall_seconds": min(unprofiled),
-        "fused_kernels": fused.status(params, device, build_state(params, device).model),
+        "fused_kernels": fused.status(params, device, model),
         "groups": [{"name": name, "seconds": s, "share": s / total}
                    for name, s in seconds.items()],
         "conv_gflops": conv_flops / conv_seconds / 1e9,

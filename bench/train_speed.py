@@ -314,7 +314,7 @@ def child_convolutions(args: argparse.Namespace, device: torch.device) -> dict[s
     sync(device)
     seconds = time.perf_counter() - wall
     return {"seconds": seconds, "images": args.epochs * steps * params.batch_size,
-            "flops": convolutions.convolution_flops(params, device) * steps * args.epochs,
+            "flops": sum(w.call.flops for w in work) * steps * args.epochs,
             "test_accuracy": None, "warmup_seconds": warmup, "epoch_images": images,
             "cpu_share": cpu_share(cpu, wall),
             "fused_kernels": fused_status(params, device)}

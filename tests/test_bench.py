@@ -147,6 +147,9 @@ def test_bench_times_the_loaded_rows_beside_busy_processes_and_stops_them(tiny, 
     alone = quiet["convolutions"]
     assert alone["runs"][0]["images"] == 200 and alone["images_per_second"] > 0
     assert alone["overrides"] is None and alone["test_accuracy"] is None
+    convs = load_script(ROOT / "bench" / "convolutions.py")
+    per_step = convs.convolution_flops(TrainParams(), torch.device("cpu"))
+    assert alone["runs"][0]["flops"] == 2 * per_step  # 2 steps
     assert list(report["speedups"]) == ["default", "unfused"]
     assert "\nconvolutions " in done.stdout
 
@@ -174,9 +177,9 @@ def test_convolutions_row_times_what_onednn_computes_in_the_default_step(monkeyp
     assert convs.convolution_flops(eager, cpu) == 2 * (2 * first + 3 * rest)
 
     work = convs.prepare(params, cpu)
-    assert [x.requires_grad for _, x, _ in work] == [c.input_grad for c in calls]
+    assert [w.x.requires_grad for w in work] == [c.input_grad for c in calls]
     assert all(t.is_contiguous(memory_format=torch.channels_last)
-               for conv, x, grad in work for t in (conv.weight, x, grad))
+               for w in work for t in (w.call.conv.weight, w.x, w.grad))
     asked = []
     grad = torch.autograd.grad
 
