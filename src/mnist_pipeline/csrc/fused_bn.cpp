@@ -612,19 +612,17 @@ std::vector<Tensor> conv_bn_relu_backward_impl(const Conv1& cv, const float* gp,
     std::fill(row, row + 10 * C, 0.f);
     relu_dx<CT>(gp + r * W * C, yp + r * W * C, z, dz, b.mean.data(), b.k.data(),
                 b.grad_mean.data(), b.scale.data(), 0, W, C);
-    for (int t = 0; t < 9; ++t) {
-      const float* v = pad + (t / 3) * (W + 2) + t % 3;
-      float* a = row + t * C;
-      for (int64_t w = 0; w < W; ++w) {
-        const float vw = v[w];
-        const float* d = dz + w * C;
+    // positions outside, the ten sums inside: ten independent accumulations per position
+    // (the other order makes each position wait for the previous one's sum)
+    for (int64_t w = 0; w < W; ++w) {
+      const float* d = dz + w * C;
+      for (int t = 0; t < 9; ++t) {
+        const float vw = pad[(t / 3) * (W + 2) + t % 3 + w];
+        float* a = row + t * C;
         VECTOR_LOOP
         for (int64_t c = 0; c < C; ++c) a[c] += d[c] * vw;
       }
-    }
-    float* a = row + 9 * C;
-    for (int64_t w = 0; w < W; ++w) {
-      const float* d = dz + w * C;
+      float* a = row + 9 * C;
       VECTOR_LOOP
       for (int64_t c = 0; c < C; ++c) a[c] += d[c];
     }
