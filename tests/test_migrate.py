@@ -173,3 +173,56 @@ def test_an_interrupted_copy_is_copied_again(source, tmp_path):
     assert client.get_run(runs[crashed].info.run_id).info.lifecycle_stage == "deleted"
     assert pending.model_id not in {m.model_id for m in client.search_logged_models([experiment])}
     assert _runs(client, EXPERIMENT)[crashed].info.status == "FAILED"
+
+
+def test_nested_runs_name_their_parents_copy(tmp_path):
+    """Children copied before their parent (newest first) and a child whose parent went away
+    are linked to the parent's copy, or noted; a second migration keeps the links."""
+    from mnist_pipeline.migrate import migrate
+
+    uri = f"sqlite:///{tmp_path / 'source.db'}"
+    client = store_client(uri)
+    experiment = client.create_experiment("nested", (tmp_path / "source").as_uri())
+    parent = client.create_run(experiment, run_name="sweep").info.run_id
+    children = [client.create_run(experiment, run_name=f"trial-{i}",
+                                  tags={"mlflow.parentRunId": parent}).info.run_id
+                for i in range(2)]
+    gone = client.create_run(experiment, run_name="gone").info.run_id
+    orphan = client.create_run(experiment, run_name="orphan",
+                               tags={"mlflow.parentRunId": gone}).info.run_id
+    client.delete_run(gone)
+    for run_id in [parent, *children, orphan]:
+        client.set_terminated(run_id)
+    target = f"sqlite:///{tmp_path / 'target.db'}"
+    first = migrate(uri, target, (tmp_path / "target").as_uri())
+    assert first.runs == 4
+    assert first.notes == ["1 nested runs keep their source parent's id: the parent run was "
+                           "not copied (deleted in the source)"]
+    second = migrate(uri, target, (tmp_path / "target").as_uri())
+    assert second.runs == 0 and second.skipped_runs == 4
+    copies = _runs(store_client(target), "nested")
+    for child in children:
+        assert copies[child].data.tags["mlflow.parentRunId"] \
+            == copies[parent].info.run_id != parent
+    assert copies[orphan].data.tags["mlflow.parentRunId"] == gone
+
+
+def test_the_scratch_folder_holds_one_run_at_a_time(source, tmp_path):
+    """Each run's and logged model's files leave the scratch folder once uploaded."""
+    from mnist_pipeline import migrate as module
+
+    left: list[list[Path]] = []
+
+    def emptied(copy):
+        def spy(*args):
+            new = copy(*args)
+            left.append(list(args[-1].iterdir()))  # (the scratch folder)
+            return new
+        return spy
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "copy_run", emptied(module.copy_run))
+        patch.setattr(module, "copy_logged_model", emptied(module.copy_logged_model))
+        module.migrate(source[0], f"sqlite:///{tmp_path / 'target.db'}",
+                       (tmp_path / "artifacts").as_uri())
+    assert left == [[], [], []]  # two runs, one logged model

@@ -6,11 +6,13 @@ Copies experiments (matched by name), their runs (name, status, times, params, t
 metric histories, dataset inputs, artifacts), the logged models (`models:/m-<id>`, whose files
 live beside the runs', not in them), and the registered models with their versions and aliases.
 Each copied run and logged model is tagged with the id it came from, so a second migration
-skips what the first one copied.
+skips what the first one copied. A nested run's `mlflow.parentRunId` names its parent's copy.
+Files pass through a scratch folder one run or model at a time.
 """
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import tempfile
 from collections.abc import Callable, Iterator
@@ -22,6 +24,7 @@ from .errors import PipelineError
 
 MIGRATED_RUN = "migrated_from_run"
 MIGRATED_MODEL = "migrated_from_model"
+PARENT = "mlflow.parentRunId"  # MLflow's tag for a nested run's parent
 METRICS_PER_BATCH = 1000  # MLflow's limits for one log_batch call
 PARAMS_PER_BATCH = 100
 
@@ -103,6 +106,7 @@ def migrate(source: str, target: str, artifact_location: str | None = None) -> S
     summary = Summary()
     run_map: dict[str, str] = {}
     model_map: dict[str, str] = {}
+    parents: dict[str, str] = {}  # target run -> its parent tag, for link_parents
     previous = mlflow.get_tracking_uri()
     # a local target's registry looks up `models:/m-<id>` sources in the default store
     mlflow.set_tracking_uri(target)
@@ -113,12 +117,13 @@ def migrate(source: str, target: str, artifact_location: str | None = None) -> S
                     page_token=page_token)):
                 experiment_id = copy_experiment(dst, experiment, artifact_location, summary)
                 copy_runs(src, dst, experiment.experiment_id, experiment_id, run_map,
-                          scratch, summary)
+                          parents, scratch, summary)
                 copy_logged_models(src, dst, experiment.experiment_id, experiment_id,
                                    run_map, model_map, scratch, summary)
             for model in pages(lambda page_token: src.search_registered_models(
                     page_token=page_token)):
                 copy_registered_model(src, dst, model, run_map, model_map, summary)
+            link_parents(dst, parents, run_map, summary)
     except mlflow.exceptions.MlflowException as exc:  # the target went away, refused a write
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise MigrationError(f"copying into {target} stopped ({first}); what was copied "
@@ -150,8 +155,10 @@ def migrated(dst: Any, experiment_id: str, tag: str) -> dict[str, Any]:
 
 
 def copy_runs(src: Any, dst: Any, src_experiment: str, experiment_id: str,
-              run_map: dict[str, str], scratch: Path, summary: Summary) -> None:
-    """Copy the experiment's runs that an earlier migration did not copy in full."""
+              run_map: dict[str, str], parents: dict[str, str], scratch: Path,
+              summary: Summary) -> None:
+    """Copy the experiment's runs that an earlier migration did not copy in full; note the
+    parent tag of each copy (also of one copied earlier) in `parents`."""
     done = migrated(dst, experiment_id, MIGRATED_RUN)
     for run in pages(lambda page_token: src.search_runs([src_experiment],
                                                          page_token=page_token)):
@@ -159,12 +166,31 @@ def copy_runs(src: Any, dst: Any, src_experiment: str, experiment_id: str,
         if earlier is not None and (earlier.info.status != "RUNNING"
                                     or run.info.status == "RUNNING"):
             run_map[run.info.run_id] = earlier.info.run_id
+            if PARENT in earlier.data.tags:
+                parents[earlier.info.run_id] = earlier.data.tags[PARENT]
             summary.skipped_runs += 1
             continue
         if earlier is not None:  # an interrupted copy (its status is set last): start again
             dst.delete_run(earlier.info.run_id)
-        run_map[run.info.run_id] = copy_run(src, dst, run, experiment_id, scratch)
+        new = run_map[run.info.run_id] = copy_run(src, dst, run, experiment_id, scratch)
+        if PARENT in run.data.tags:
+            parents[new] = run.data.tags[PARENT]
         summary.runs += 1
+
+
+def link_parents(dst: Any, parents: dict[str, str], run_map: dict[str, str],
+                 summary: Summary) -> None:
+    """Point each copied nested run at its parent's copy (a parent may be copied after its
+    children, or in another experiment), also where an earlier migration stopped before."""
+    unlinked = 0
+    for run_id, parent in parents.items():
+        if parent in run_map:
+            dst.set_tag(run_id, PARENT, run_map[parent])
+        elif parent not in run_map.values():  # (already a target id)
+            unlinked += 1
+    if unlinked:
+        summary.notes.append(f"{unlinked} nested runs keep their source parent's id: the "
+                             "parent run was not copied (deleted in the source)")
 
 
 def copy_run(src: Any, dst: Any, run: Any, experiment_id: str, scratch: Path) -> str:
@@ -186,6 +212,7 @@ def copy_run(src: Any, dst: Any, run: Any, experiment_id: str, scratch: Path) ->
     if src.list_artifacts(info.run_id):
         local = src.download_artifacts(info.run_id, "", str(scratch / info.run_id))
         dst.log_artifacts(new, local)
+        shutil.rmtree(scratch / info.run_id)
     dst.set_terminated(new, status=info.status, end_time=info.end_time)
     return new
 
@@ -231,6 +258,7 @@ def copy_logged_model(src: Any, dst: Any, model: Any, experiment_id: str,
                                                      dst_path=str(scratch / model.model_id)))
     retarget_mlmodel(local / "MLmodel", new.model_id, run_id, new.artifact_location)
     dst.log_model_artifacts(new.model_id, str(local))
+    shutil.rmtree(scratch / model.model_id)
     if run_id is not None:
         steps = [o.step for o in src.get_run(model.source_run_id).outputs.model_outputs
                  if o.model_id == model.model_id]
