@@ -168,6 +168,13 @@ def _set_floor(repo: Path, floor: float) -> None:
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests of the promotion lifecycle last, whatever order they were given in: its fixture
+    trains a second version in the `pipeline` project, whose first run's outputs (metrics,
+    models/run.json) the other tests read."""
+    items.sort(key=lambda item: "promotions" in getattr(item, "fixturenames", ()))
+
+
 @pytest.fixture(scope="session")
 def promotions(pipeline, run_info, client):
     """The promotion lifecycle, step by step: each command's result, in order."""

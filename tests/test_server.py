@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import uuid
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,8 @@ pytestmark = pytest.mark.e2e
 SEARCH = "/api/2.0/mlflow/experiments/search?max_results=1"
 LOAD_SECONDS = 30
 LOAD_CLIENTS = 4
+# the session's server is shared with other tests: names of this module's own
+SUFFIX = uuid.uuid4().hex[:8]
 
 
 @pytest.fixture
@@ -104,8 +107,8 @@ def test_a_reader_cannot_move_an_alias_the_admin_can(as_admin, tmp_path):
     from mlflow.server import get_app_client
 
     client = MlflowClient(as_admin.uri)
-    name = "guarded-model"
-    experiment = client.create_experiment("alias-permissions")
+    name, reader_name = f"guarded-model-{SUFFIX}", f"reader-{SUFFIX}"
+    experiment = client.create_experiment(f"alias-permissions-{SUFFIX}")
     run_id = client.create_run(experiment).info.run_id
     (tmp_path / "weights.txt").write_text("weights")
     client.log_artifact(run_id, str(tmp_path / "weights.txt"), "model")
@@ -113,12 +116,12 @@ def test_a_reader_cannot_move_an_alias_the_admin_can(as_admin, tmp_path):
     version = client.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id)
 
     users = get_app_client("basic-auth", tracking_uri=as_admin.uri)
-    users.create_user("reader", "reader-password-1")
-    users.grant_user_permission("reader", "registered_model", name, "READ")
+    users.create_user(reader_name, "reader-password-1")
+    users.grant_user_permission(reader_name, "registered_model", name, "READ")
 
     body = {"name": name, "alias": "champion", "version": version.version}
     url = as_admin.uri + "/api/2.0/mlflow/registered-models/alias"
-    reader = ("reader", "reader-password-1")
+    reader = (reader_name, "reader-password-1")
     seen = requests.get(as_admin.uri + "/api/2.0/mlflow/registered-models/get",
                         params={"name": name}, auth=reader, timeout=30)
     assert seen.status_code == 200
@@ -154,7 +157,7 @@ def test_concurrent_clients_lose_no_metric(as_admin):
 
     env = as_admin.env()
     client = MlflowClient(as_admin.uri)
-    experiment = client.create_experiment("load")
+    experiment = client.create_experiment(f"load-{SUFFIX}")
     procs = [subprocess.Popen([sys.executable, "-c", LOAD_CLIENT, str(worker),
                                str(LOAD_SECONDS), experiment], env=env, text=True,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
