@@ -520,6 +520,28 @@ void conv_row(const float* __restrict pad, int64_t W, const float* __restrict wt
   }
 }
 
+// The convolution's weight and bias gradients of one output row, added to g [10, C] (9 taps,
+// then the bias) from its padded input rows and dz [W, C]. Positions outside, the ten sums
+// inside: ten independent accumulations per position (in the other order each position's add
+// waits for the previous one's).
+template <int CT>
+void conv_grad_row(const float* __restrict pad, const float* __restrict dz,
+                   float* __restrict g, int64_t W, int64_t C_) {
+  const int64_t C = CT ? CT : C_;
+  for (int64_t w = 0; w < W; ++w) {
+    const float* d = dz + w * C;
+    for (int t = 0; t < 9; ++t) {
+      const float vw = pad[(t / 3) * (W + 2) + t % 3 + w];
+      float* a = g + t * C;
+      VECTOR_LOOP
+      for (int64_t c = 0; c < C; ++c) a[c] += d[c] * vw;
+    }
+    float* a = g + 9 * C;
+    VECTOR_LOOP
+    for (int64_t c = 0; c < C; ++c) a[c] += d[c];
+  }
+}
+
 struct Conv1 {
   Tensor x;  // [N, H, W] contiguous
   int64_t N, H, W, C;
@@ -612,20 +634,7 @@ std::vector<Tensor> conv_bn_relu_backward_impl(const Conv1& cv, const float* gp,
     std::fill(row, row + 10 * C, 0.f);
     relu_dx<CT>(gp + r * W * C, yp + r * W * C, z, dz, b.mean.data(), b.k.data(),
                 b.grad_mean.data(), b.scale.data(), 0, W, C);
-    // positions outside, the ten sums inside: ten independent accumulations per position
-    // (the other order makes each position wait for the previous one's sum)
-    for (int64_t w = 0; w < W; ++w) {
-      const float* d = dz + w * C;
-      for (int t = 0; t < 9; ++t) {
-        const float vw = pad[(t / 3) * (W + 2) + t % 3 + w];
-        float* a = row + t * C;
-        VECTOR_LOOP
-        for (int64_t c = 0; c < C; ++c) a[c] += d[c] * vw;
-      }
-      float* a = row + 9 * C;
-      VECTOR_LOOP
-      for (int64_t c = 0; c < C; ++c) a[c] += d[c];
-    }
+    conv_grad_row<CT>(pad, dz, row, W, C);
     double* acc = &gw[k * 10 * C];
     VECTOR_LOOP
     for (int64_t i = 0; i < 10 * C; ++i) acc[i] += row[i];
