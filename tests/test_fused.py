@@ -307,27 +307,52 @@ def test_fit_uses_the_kernels_by_default_and_learns_as_eager(monkeypatch):
     assert fused.status(params, torch.device("cuda")) == "off (device not CPU: cuda)"
 
 
+# A small module stands in for the kernels in build tests (same build, quicker compile), and
+# a script that loads it as the kernels, in a process of its own: the source's path is argv[1].
+SMALL_SOURCE = ("#include <pybind11/pybind11.h>\n"
+                "PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.attr(\"answer\") = 42; }\n")
+LOAD_SMALL = ("import os, sys, pathlib\nfrom mnist_pipeline import fused\n"
+              "path = os.environ['PATH']\n"
+              "fused.SOURCE = pathlib.Path(sys.argv[1])\nmodule = fused.extension()\n"
+              "assert module is not None and module.answer == 42, fused.unavailable_reason()\n"
+              "assert os.environ['PATH'] == path\n"
+              "print(module.__file__)\n")
+
+
+def _build_small(source: Path, env: dict[str, str]) -> tuple[Path, int]:
+    """Build (or load) the small module from `source`: its library and the library's mtime."""
+    source.write_text(SMALL_SOURCE)
+    done = subprocess.run([sys.executable, "-c", LOAD_SMALL, str(source)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    so = Path(done.stdout.strip().splitlines()[-1])
+    return so, so.stat().st_mtime_ns
+
+
 def test_a_checkout_at_another_path_reuses_the_cached_build(tmp_path):
     # e.g. a `dvc exp run --queue` copy of the project: the same source at another path, in
-    # another process. A small module stands in for the kernels (same build, quicker compile).
-    source = ("#include <pybind11/pybind11.h>\n"
-              "PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.attr(\"answer\") = 42; }\n")
-    load = ("import sys, pathlib\nfrom mnist_pipeline import fused\n"
-            "fused.SOURCE = pathlib.Path(sys.argv[1])\nmodule = fused.extension()\n"
-            "assert module is not None and module.answer == 42, fused.unavailable_reason()\n"
-            "print(module.__file__)\n")
+    # another process.
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "builds")}
     builds = []
     for checkout in ("one", "two"):
-        copy_ = tmp_path / checkout / "fused_bn.cpp"
-        copy_.parent.mkdir()
-        copy_.write_text(source)
-        done = subprocess.run([sys.executable, "-c", load, str(copy_)], env=env,
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-2000:]
-        so = Path(done.stdout.strip().splitlines()[-1])
-        builds.append((so, so.stat().st_mtime_ns))
+        (tmp_path / checkout).mkdir()
+        builds.append(_build_small(tmp_path / checkout / "fused_bn.cpp", env))
     assert builds[0] == builds[1]  # built once, not recompiled for the second path
+
+
+def test_the_build_runs_the_ninja_package_whatever_ninja_path_finds_first(tmp_path):
+    # Ninja versions keep incompatible build logs: `make` puts the venv's ninja first on PATH,
+    # a shell may find the system's, and each would compile the cached kernels again (inside
+    # a training) after the other. Here the first `ninja` on PATH fails, and is not run.
+    decoy = tmp_path / "bin" / "ninja"
+    decoy.parent.mkdir()
+    decoy.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'decoy-ran'}\nexit 1\n")
+    decoy.chmod(0o755)
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "builds")}
+    first = _build_small(tmp_path / "fused_bn.cpp", env)
+    env["PATH"] = f"{decoy.parent}{os.pathsep}{env['PATH']}"
+    assert _build_small(tmp_path / "fused_bn.cpp", env) == first  # not rebuilt either
+    assert not (tmp_path / "decoy-ran").exists()
 
 
 @pytest.mark.parametrize("cause", ["compile-error", "no-compiler"])

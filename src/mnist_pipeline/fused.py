@@ -17,7 +17,10 @@ not: the run's `fused_kernels` tag.
 The C++ source is compiled with torch.utils.cpp_extension by `build()` (`mnist-pipeline
 build-kernels`, which `make install` runs), else on first use, and cached under
 $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions) for every checkout of the same
-source; a C++ compiler with OpenMP and ninja are needed. Where it cannot be built,
+source; a C++ compiler with OpenMP and ninja are needed. The build runs the `ninja` package's
+binary (a dependency), whatever `ninja` comes first on PATH: ninja versions keep incompatible
+build logs, so a build by another one would compile the cached kernels again (e.g. in the first
+training after `make install`). Where it cannot be built,
 `extension()` returns None with the reason in `unavailable_reason()`: the model then trains
 with the eager modules, with the same results up to rounding.
 
@@ -107,6 +110,28 @@ def _quiet_torch() -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _packaged_ninja() -> Iterator[None]:
+    """PATH with the `ninja` package's folder first while torch builds (PATH as it was where
+    the package is missing: then the system's ninja builds)."""
+    try:
+        import ninja
+
+        folder = str(ninja.BIN_DIR)
+    except (ImportError, AttributeError):
+        yield
+        return
+    path = os.environ.get("PATH")
+    os.environ["PATH"] = os.pathsep.join([folder, *([path] if path else [])])
+    try:
+        yield
+    finally:
+        if path is None:
+            del os.environ["PATH"]
+        else:
+            os.environ["PATH"] = path
 
 
 def _cpp_extension() -> ModuleType:
@@ -201,7 +226,7 @@ def _load() -> tuple[ModuleType, list[str]]:
     # load_inline, not load: the source is copied into the build folder (main.cpp), so a
     # checkout at another path (a `dvc exp run --queue` copy, a test's temporary project)
     # reuses the cached build instead of recompiling because ninja saw a new source path.
-    with _quiet_torch():
+    with _quiet_torch(), _packaged_ninja():
         module = cpp_extension.load_inline(name=name, cpp_sources=[SOURCE.read_text()],
                                            extra_cflags=list(CFLAGS), no_implicit_headers=True,
                                            build_directory=str(folder))
