@@ -43,7 +43,7 @@ from torch import nn  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from convolutions import convolution_flops  # noqa: E402  (bench/convolutions.py)
-from mnist_pipeline import fused  # noqa: E402
+from mnist_pipeline import fused, fused_build  # noqa: E402
 from mnist_pipeline.io import write_json  # noqa: E402
 from mnist_pipeline.loop import build_state, fit  # noqa: E402
 from mnist_pipeline.params import TrainParams  # noqa: E402
@@ -107,7 +107,7 @@ def fma_peak_gflops(threads: int, iterations: int = 20_000_000,
     with tempfile.TemporaryDirectory(prefix="fma-peak-") as scratch:
         source, library = Path(scratch) / "peak.c", Path(scratch) / "peak.so"
         source.write_text(PEAK_SOURCE)
-        built = subprocess.run([compiler, *fused.CFLAGS, "-ffp-contract=fast", "-shared",
+        built = subprocess.run([compiler, *fused_build.CFLAGS, "-ffp-contract=fast", "-shared",
                                 "-fPIC", str(source), "-o", str(library)],
                                capture_output=True, check=False, timeout=120)
         if built.returncode != 0:

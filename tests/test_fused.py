@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_pipeline import fused, loop
+from mnist_pipeline import fused, fused_build, loop
 from mnist_pipeline.loop import build_state, fit, to_tensor
 from mnist_pipeline.model import MnistCNN
 from mnist_pipeline.params import TrainParams
@@ -44,7 +44,7 @@ if shutil.which(os.environ.get("CXX", "c++")) is None:  # pragma: no cover
 @pytest.fixture(scope="module", autouse=True)
 def built():
     """Build (or load the cached build of) the extension once; it must succeed here."""
-    assert fused.extension() is not None, fused.unavailable_reason()
+    assert fused_build.extension() is not None, fused_build.unavailable_reason()
 
 
 def _input(n: int, c: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
@@ -311,10 +311,10 @@ def test_fit_uses_the_kernels_by_default_and_learns_as_eager(monkeypatch):
 # a script that loads it as the kernels, in a process of its own: the source's path is argv[1].
 SMALL_SOURCE = ("#include <pybind11/pybind11.h>\n"
                 "PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.attr(\"answer\") = 42; }\n")
-LOAD_SMALL = ("import os, sys, pathlib\nfrom mnist_pipeline import fused\n"
+LOAD_SMALL = ("import os, sys, pathlib\nfrom mnist_pipeline import fused_build as fb\n"
               "path = os.environ['PATH']\n"
-              "fused.SOURCE = pathlib.Path(sys.argv[1])\nmodule = fused.extension()\n"
-              "assert module is not None and module.answer == 42, fused.unavailable_reason()\n"
+              "fb.SOURCE = pathlib.Path(sys.argv[1])\nmodule = fb.extension()\n"
+              "assert module is not None and module.answer == 42, fb.unavailable_reason()\n"
               "assert os.environ['PATH'] == path\n"
               "print(module.__file__)\n")
 
@@ -361,13 +361,13 @@ def test_without_a_build_training_falls_back_with_one_warning(cause, monkeypatch
     if cause == "compile-error":
         broken = tmp_path / "fused_bn.cpp"
         broken.write_text("#error deliberately broken\n")
-        monkeypatch.setattr(fused, "SOURCE", broken)
+        monkeypatch.setattr(fused_build, "SOURCE", broken)
         telling = "deliberately broken"
     else:
         monkeypatch.setenv("CXX", "/nonexistent")
         telling = "/nonexistent"  # (the shell's words for it vary)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "builds"))
-    fused.extension.cache_clear()
+    fused_build.extension.cache_clear()
     try:
         params = TrainParams(epochs=1, batch_size=50)
         status = fused.status(params, CPU, MnistCNN().to(memory_format=torch.channels_last))
@@ -383,7 +383,7 @@ def test_without_a_build_training_falls_back_with_one_warning(cause, monkeypatch
             "(same results up to rounding)"]
         assert capfd.readouterr().err == ""  # no compiler banner, no traceback
     finally:
-        fused.extension.cache_clear()
+        fused_build.extension.cache_clear()
 
 
 class _AvgPooled(MnistCNN):
@@ -480,8 +480,8 @@ def test_build_kernels_after_a_build_killed_mid_compile(tmp_path):
     # and `mnist-pipeline build-kernels` builds, checks and says where the library is.
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "builds")}
     env.pop("CXX", None)
-    build = subprocess.Popen([sys.executable, "-c", "from mnist_pipeline import fused\n"
-                              "fused.build()"], env=env, start_new_session=True,
+    build = subprocess.Popen([sys.executable, "-c", "from mnist_pipeline import fused_build\n"
+                              "fused_build.build()"], env=env, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
@@ -493,7 +493,7 @@ def test_build_kernels_after_a_build_killed_mid_compile(tmp_path):
         os.killpg(build.pid, signal.SIGKILL)
         build.wait()
     (folder,) = (tmp_path / "builds").iterdir()
-    assert fused.lock_state(folder / "lock") == "free"  # left behind, held by no one
+    assert fused_build.lock_state(folder / "lock") == "free"  # left behind, held by no one
     assert not list(folder.glob("*.so"))
     done = _cli("build-kernels", env=env)
     assert done.returncode == 0, done.stderr
@@ -532,12 +532,12 @@ def test_a_stale_build_lock_is_cleared_with_a_message(how, tmp_path, monkeypatch
                 raise OSError(errno.ENOSYS, "Function not implemented")
 
             monkeypatch.setattr(fcntl, "flock", no_flock)
-        assert fused.lock_state(lock) == how
-        assert fused.clear_stale_lock(folder) is None  # just now: a build in progress
-        old = time.time() - fused.LOCK_IDLE_LIMIT - 60
+        assert fused_build.lock_state(lock) == how
+        assert fused_build.clear_stale_lock(folder) is None  # just now: a build in progress
+        old = time.time() - fused_build.LOCK_IDLE_LIMIT - 60
         for path in folder.iterdir():
             os.utime(path, (old, old))
-        message = fused.clear_stale_lock(folder)
+        message = fused_build.clear_stale_lock(folder)
         assert message is not None and not lock.exists()
         who = (f"held by process {holder.pid}" if how == "held"
                else "a marker file: no flock on this file system")

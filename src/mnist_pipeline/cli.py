@@ -187,7 +187,7 @@ def cmd_plots_page(args: argparse.Namespace) -> int:
 
 
 def cmd_build_kernels(args: argparse.Namespace) -> int:
-    from .fused import build
+    from .fused_build import build
 
     done = build()
     for note in done.notes:

@@ -20,8 +20,8 @@ from .checkpoint import load_checkpoint, restore, save_checkpoint, save_state_fi
 from .data import SPLITS, load_split
 from .distributed import SINGLE, World, plain_batchnorm
 from .errors import PipelineError
-from .fused import build_name as kernels_build
 from .fused import status as fused_status
+from .fused_build import build_name as kernels_build
 from .io import save_png, write_json
 from .loop import TrainState, build_state, final_model, fit, to_tensor
 from .metrics import figure_image, training_curves_figure
