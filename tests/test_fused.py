@@ -1,8 +1,9 @@
-"""The fused CPU kernels (mnist_pipeline.fused): the same function, gradients and running
-statistics as the eager modules, the same bits with any thread count, the max-pool's tie and
-NaN rules, the model-level forward, their use by `fit` and the `fused_kernels` tag, the
-fallback to the eager modules (a failed build, a model they do not take) with one warning,
-`mnist-pipeline build-kernels`, and builds killed or stuck while holding their lock."""
+"""The fused CPU kernels (mnist_pipeline.fused, built by mnist_pipeline.fused_build): the same
+function, gradients and running statistics as the eager modules, the same bits with any thread
+count, the max-pool's tie and NaN rules, the model-level forward, their use by `fit` and the
+`fused_kernels` tag, the fallback to the eager modules (a failed build, a model they do not
+take) with one warning, `mnist-pipeline build-kernels`, the cached build reused whatever ninja
+PATH finds first, and builds killed or stuck while holding their lock."""
 
 from __future__ import annotations
 
@@ -353,6 +354,21 @@ def test_the_build_runs_the_ninja_package_whatever_ninja_path_finds_first(tmp_pa
     env["PATH"] = f"{decoy.parent}{os.pathsep}{env['PATH']}"
     assert _build_small(tmp_path / "fused_bn.cpp", env) == first  # not rebuilt either
     assert not (tmp_path / "decoy-ran").exists()
+
+
+def test_the_build_path_adds_only_the_packaged_ninja_and_is_restored(monkeypatch):
+    import ninja
+
+    path = os.environ["PATH"]
+    with fused_build._packaged_ninja():
+        first = Path(os.environ["PATH"].split(os.pathsep)[0])
+        assert [p.name for p in first.iterdir()] == ["ninja"]
+        assert (first / "ninja").resolve() == (Path(ninja.BIN_DIR) / "ninja").resolve()
+        assert os.environ["PATH"].endswith(os.pathsep + path)
+    assert os.environ["PATH"] == path and not first.exists()
+    monkeypatch.setattr(ninja, "BIN_DIR", "")  # (the package's answer when it has no binary)
+    with fused_build._packaged_ninja():
+        assert os.environ["PATH"] == path
 
 
 @pytest.mark.parametrize("cause", ["compile-error", "no-compiler"])

@@ -5,8 +5,8 @@ build-kernels`, which `make install` runs), else on first use (`extension()`), a
 $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions) for every checkout of the same
 source; a C++ compiler with OpenMP and ninja are needed. The build runs the `ninja` package's
 binary (a dependency), whatever `ninja` comes first on PATH: ninja versions keep incompatible
-build logs, so a build by another one would compile the cached kernels again (e.g. in the first
-training after `make install`). Where it cannot be built, `extension()` returns None with the
+build logs, so a build by another one would compile the cached kernels again in whichever
+process loads them next. Where it cannot be built, `extension()` returns None with the
 reason in `unavailable_reason()`: the model then trains with the eager modules, with the same
 results up to rounding.
 
@@ -30,6 +30,8 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -49,6 +51,7 @@ CFLAGS = ("-O3", "-fopenmp", "-march=native")
 # A build whose folder has not changed for this long (10 min; compiling takes about a minute)
 # is stuck: its lock may be cleared.
 LOCK_IDLE_LIMIT = 600.0
+_LOAD_LOCK = threading.Lock()
 _failures: list[str] = []
 
 
@@ -93,26 +96,37 @@ def _quiet_torch() -> Iterator[None]:
         logger.setLevel(level)
 
 
-@contextlib.contextmanager
-def _packaged_ninja() -> Iterator[None]:
-    """PATH with the `ninja` package's folder first while torch builds (PATH as it was where
-    the package is missing: then the system's ninja builds)."""
+def _packaged_ninja_binary() -> Path | None:
+    """The `ninja` package's binary, None where the package or its binary is missing."""
     try:
         import ninja
 
-        folder = str(ninja.BIN_DIR)
+        binary = Path(str(ninja.BIN_DIR), "ninja")
     except (ImportError, AttributeError):
+        return None
+    return binary if ninja.BIN_DIR and binary.is_file() else None
+
+
+@contextlib.contextmanager
+def _packaged_ninja() -> Iterator[None]:
+    """PATH led by a private folder that holds only the `ninja` package's binary while torch
+    builds (nothing else of the package's folder comes first); PATH as it was where that
+    binary is missing: then the system's ninja builds."""
+    binary = _packaged_ninja_binary()
+    if binary is None:
         yield
         return
     path = os.environ.get("PATH")
-    os.environ["PATH"] = os.pathsep.join([folder, *([path] if path else [])])
-    try:
-        yield
-    finally:
-        if path is None:
-            del os.environ["PATH"]
-        else:
-            os.environ["PATH"] = path
+    with tempfile.TemporaryDirectory(prefix="mnist-ninja-") as folder:
+        (Path(folder) / "ninja").symlink_to(binary)
+        os.environ["PATH"] = os.pathsep.join([folder, *([path] if path else [])])
+        try:
+            yield
+        finally:
+            if path is None:
+                del os.environ["PATH"]
+            else:
+                os.environ["PATH"] = path
 
 
 def _cpp_extension() -> ModuleType:
@@ -201,7 +215,13 @@ def _unfinished(folder: Path, name: str) -> str | None:
 
 
 def _load() -> tuple[ModuleType, list[str]]:
-    """Build (or find built) and import the kernels; notes on locks cleared on the way."""
+    """Build (or find built) and import the kernels; notes on locks cleared on the way. One
+    thread at a time: the build changes PATH for the process while it runs."""
+    with _LOAD_LOCK:
+        return _load_unlocked()
+
+
+def _load_unlocked() -> tuple[ModuleType, list[str]]:
     cpp_extension, name, folder = _cpp_extension(), build_name(), build_folder()
     notes = [n for n in (clear_stale_lock(folder), _unfinished(folder, name)) if n]
     # load_inline, not load: the source is copied into the build folder (main.cpp), so a
