@@ -176,14 +176,16 @@ def test_an_interrupted_copy_is_copied_again(source, tmp_path):
 
 
 def test_nested_runs_name_their_parents_copy(tmp_path):
-    """Children copied before their parent (newest first) and a child whose parent went away
-    are linked to the parent's copy, or noted; a second migration keeps the links."""
+    """Children linked to their parent's copy (wherever the parent comes in the copy order); a
+    child whose parent went away is noted; a link lost to an interrupted migration is made
+    again; a parent copied while running, then copied again once ended, takes its children
+    along."""
     from mnist_pipeline.migrate import migrate
 
     uri = f"sqlite:///{tmp_path / 'source.db'}"
     client = store_client(uri)
     experiment = client.create_experiment("nested", (tmp_path / "source").as_uri())
-    parent = client.create_run(experiment, run_name="sweep").info.run_id
+    parent = client.create_run(experiment, run_name="sweep").info.run_id  # left running
     children = [client.create_run(experiment, run_name=f"trial-{i}",
                                   tags={"mlflow.parentRunId": parent}).info.run_id
                 for i in range(2)]
@@ -191,20 +193,35 @@ def test_nested_runs_name_their_parents_copy(tmp_path):
     orphan = client.create_run(experiment, run_name="orphan",
                                tags={"mlflow.parentRunId": gone}).info.run_id
     client.delete_run(gone)
-    for run_id in [parent, *children, orphan]:
+    for run_id in [*children, orphan]:
         client.set_terminated(run_id)
-    target = f"sqlite:///{tmp_path / 'target.db'}"
-    first = migrate(uri, target, (tmp_path / "target").as_uri())
+    target, artifacts = f"sqlite:///{tmp_path / 'target.db'}", (tmp_path / "target").as_uri()
+    copies = store_client(target)
+
+    def linked() -> dict[str, str]:
+        runs = _runs(copies, "nested")
+        assert runs[orphan].data.tags["mlflow.parentRunId"] == gone
+        return {child: runs[child].data.tags["mlflow.parentRunId"] for child in children}
+
+    first = migrate(uri, target, artifacts)
     assert first.runs == 4
     assert first.notes == ["1 nested runs keep their source parent's id: the parent run was "
                            "not copied (deleted in the source)"]
-    second = migrate(uri, target, (tmp_path / "target").as_uri())
-    assert second.runs == 0 and second.skipped_runs == 4
-    copies = _runs(store_client(target), "nested")
-    for child in children:
-        assert copies[child].data.tags["mlflow.parentRunId"] \
-            == copies[parent].info.run_id != parent
-    assert copies[orphan].data.tags["mlflow.parentRunId"] == gone
+    running_copy = _runs(copies, "nested")[parent].info.run_id
+    assert linked() == dict.fromkeys(children, running_copy)
+
+    # a link lost, as if a migration had stopped before linking: the source's id again
+    copies.set_tag(_runs(copies, "nested")[children[0]].info.run_id, "mlflow.parentRunId",
+                   parent)
+    client.set_terminated(parent)  # the sweep ends: its copy is made again
+    second = migrate(uri, target, artifacts)
+    assert second.runs == 1 and second.skipped_runs == 3
+    ended_copy = _runs(copies, "nested")[parent].info.run_id
+    assert ended_copy != running_copy
+    assert copies.get_run(running_copy).info.lifecycle_stage == "deleted"
+    assert linked() == dict.fromkeys(children, ended_copy)
+    third = migrate(uri, target, artifacts)
+    assert third.runs == 0 and linked() == dict.fromkeys(children, ended_copy)
 
 
 def test_the_scratch_folder_holds_one_run_at_a_time(source, tmp_path):

@@ -120,10 +120,10 @@ def migrate(source: str, target: str, artifact_location: str | None = None) -> S
                           parents, scratch, summary)
                 copy_logged_models(src, dst, experiment.experiment_id, experiment_id,
                                    run_map, model_map, scratch, summary)
+            link_parents(dst, parents, run_map, summary)
             for model in pages(lambda page_token: src.search_registered_models(
                     page_token=page_token)):
                 copy_registered_model(src, dst, model, run_map, model_map, summary)
-            link_parents(dst, parents, run_map, summary)
     except mlflow.exceptions.MlflowException as exc:  # the target went away, refused a write
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise MigrationError(f"copying into {target} stopped ({first}); what was copied "
@@ -180,17 +180,32 @@ def copy_runs(src: Any, dst: Any, src_experiment: str, experiment_id: str,
 
 def link_parents(dst: Any, parents: dict[str, str], run_map: dict[str, str],
                  summary: Summary) -> None:
-    """Point each copied nested run at its parent's copy (a parent may be copied after its
-    children, or in another experiment), also where an earlier migration stopped before."""
-    unlinked = 0
+    """Point each copied nested run at its parent's current copy: a parent may be copied
+    after its children or in another experiment, an earlier migration may have stopped before
+    linking, and a parent copied while it was running is copied again once it has ended."""
+    copies, unlinked = set(run_map.values()), 0
     for run_id, parent in parents.items():
-        if parent in run_map:
-            dst.set_tag(run_id, PARENT, run_map[parent])
-        elif parent not in run_map.values():  # (already a target id)
+        if parent in copies:
+            continue  # linked
+        source = parent if parent in run_map else copied_from(dst, parent)
+        if source in run_map:
+            dst.set_tag(run_id, PARENT, run_map[source])
+        elif source is None:
             unlinked += 1
     if unlinked:
         summary.notes.append(f"{unlinked} nested runs keep their source parent's id: the "
                              "parent run was not copied (deleted in the source)")
+
+
+def copied_from(dst: Any, run_id: str) -> str | None:
+    """The source id of the target's run `run_id` (also of a deleted copy), or None where
+    the target has no such run or it is not a copy."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return dst.get_run(run_id).data.tags.get(MIGRATED_RUN)
+    except MlflowException:
+        return None
 
 
 def copy_run(src: Any, dst: Any, run: Any, experiment_id: str, scratch: Path) -> str:
