@@ -1,7 +1,7 @@
 """The convolutions that oneDNN computes in a training step of the project's model, for the
 benchmarks: which they are (all three, or the second and third when the fused kernel computes
 the first), their arithmetic, and the same work on random data without the rest of the step
-(bench/train_speed.py's `convolutions` row; bench/step_profile.py's rate). Needs only torch.
+(bench/train_speed.py's `convolutions` row; bench/step_profile.py's rate).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from mnist_pipeline.fused import status as fused_status
-from mnist_pipeline.model import MnistCNN
+from mnist_pipeline.loop import build_state
 from mnist_pipeline.params import TrainParams
 
 
@@ -39,9 +39,7 @@ class ConvCall(NamedTuple):
 def onednn_convolutions(params: TrainParams, device: torch.device) -> list[ConvCall]:
     """The convolutions of `params`' model that oneDNN computes in a training step on
     `device` (all but the first when the fused kernels compute it), for one batch."""
-    model = MnistCNN().to(device)
-    if params.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = build_state(params, device).model  # (the step's model, memory format included)
     calls: list[ConvCall] = []
 
     def record(conv: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
