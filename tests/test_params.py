@@ -106,6 +106,7 @@ def test_dvc_style_numbers_are_accepted():
         ({"channels_last": "yes"}, r"train\.channels_last: expected true or false"),
         ({"experiment_name": ""}, r"train\.experiment_name: expected a string"),
         ({"experiment_name": 3}, r"train\.experiment_name"),
+        ({"onecycle_pct": 1}, r"train\.onecycle_pct: expected a number > 0 and < 1, got 1"),
     ],
 )
 def test_bad_values_name_the_key(raw, fault):
@@ -171,3 +172,12 @@ def test_stages_refuse_bad_params_before_any_work(tmp_path, stage, section, key,
     assert done.returncode == 1 and fault in done.stderr
     assert "Traceback" not in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
+
+
+def test_a_recipe_with_a_bad_value_is_named_in_the_error(tmp_path):
+    from mnist_pipeline.recipes import load_recipe
+
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("train:\n  epochs: 0\n")
+    with pytest.raises(ParamsError, match=r"recipe .*bad\.yaml: params: train\.epochs"):
+        load_recipe(recipe)

@@ -25,6 +25,13 @@ def build_optimizer(params: TrainParams, model: nn.Module) -> torch.optim.Optimi
     return torch.optim.SGD(model.parameters(), momentum=0.9, nesterov=True, **options)
 
 
+def onecycle_warmup(pct: float, total: int) -> float:
+    """OneCycleLR's pct_start for `pct` of `total` steps. Its warm-up ends at step
+    pct * total - 1, and it divides by that: a warm-up of exactly one step (a run of a few
+    steps) becomes none (`pct` of half a step), as OneCycleLR does with any shorter one."""
+    return 0.5 / total if pct * total == 1 else pct
+
+
 def build_schedulers(params: TrainParams, optimizer: torch.optim.Optimizer,
                      steps_per_epoch: int) -> tuple[Plateau | None, BatchScheduler | None]:
     """(stepped once per epoch: ReduceLROnPlateau, stepped per batch: OneCycle or cosine)."""
@@ -35,7 +42,8 @@ def build_schedulers(params: TrainParams, optimizer: torch.optim.Optimizer,
     total = max(params.epochs * steps_per_epoch, 1)
     if params.scheduler == "onecycle":
         return None, torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=params.lr, total_steps=total, pct_start=params.onecycle_pct)
+            optimizer, max_lr=params.lr, total_steps=total,
+            pct_start=onecycle_warmup(params.onecycle_pct, total))
     if params.scheduler == "cosine":
         return None, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     return None, None

@@ -21,8 +21,9 @@ class ParamsError(PipelineError):
     """A params.yaml value that cannot be used."""
 
 
-def _num(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
-    return {"lo": lo, "hi": hi, "lo_open": lo_open}
+def _num(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+         hi_open: bool = False) -> dict:
+    return {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open}
 
 
 def _choice(*choices: str) -> dict:
@@ -50,7 +51,8 @@ class TrainParams:
     plateau_factor: float = field(default=0.1, metadata=_num(0, 1, lo_open=True))
     plateau_threshold: float = field(default=0.1, metadata=_num(0, 1))
     plateau_patience: int = field(default=1, metadata=_num(0, 100))
-    onecycle_pct: float = field(default=0.25, metadata=_num(0, 1, lo_open=True))
+    # the share of the steps that warm up (1 would leave none to anneal)
+    onecycle_pct: float = field(default=0.25, metadata=_num(0, 1, lo_open=True, hi_open=True))
     # Use only the first N training images (0 = all); for smoke tests.
     train_subset: int = field(default=0, metadata=_num(0, 60000))
     # Beyond the reference (all off by default): a validation split carved from the training
@@ -136,7 +138,8 @@ def _describe(meta: dict, kind: str) -> str:
     if lo is None and hi is None:
         return kind
     left = f"> {lo}" if meta.get("lo_open") else f">= {lo}"
-    return f"{kind} {left} and <= {hi}"
+    right = f"< {hi}" if meta.get("hi_open") else f"<= {hi}"
+    return f"{kind} {left} and {right}"
 
 
 def _coerce(key: str, value: Any, kind: type, meta: dict) -> Any:
@@ -167,7 +170,8 @@ def _coerce(key: str, value: Any, kind: type, meta: dict) -> Any:
             raise ParamsError(f"params: {key}: expected {expected}, got {value!r}")
     lo, hi = meta.get("lo"), meta.get("hi")
     too_low = lo is not None and (value <= lo if meta.get("lo_open") else value < lo)
-    if too_low or (hi is not None and value > hi):
+    too_high = hi is not None and (value >= hi if meta.get("hi_open") else value > hi)
+    if too_low or too_high:
         raise ParamsError(f"params: {key}: expected {expected}, got {value!r}")
     return value
 

@@ -26,8 +26,11 @@ def load_recipe(path: str | Path, base: dict[str, Any] | None = None) -> dict[st
     for section, overrides in doc.items():
         if section not in SECTIONS:
             raise ParamsError(f"recipe {path}: {section}: unknown section")
-        parse_section(section, {**(base or {}).get(section, {}), **overrides},
-                      SECTIONS[section])
+        try:
+            parse_section(section, {**(base or {}).get(section, {}), **overrides},
+                          SECTIONS[section])
+        except ParamsError as exc:
+            raise ParamsError(f"recipe {path}: {exc}") from None
     return doc
 
 
