@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: help install repro test test-all lint ui serve exp sweep ensemble accuracy accuracy-bf16 bench bench-ddp report compare server server-stop clean
+.PHONY: help install repro test test-all lint ui serve exp sweep ensemble accuracy accuracy-bf16 bench bench-ddp bench-gpu report compare server server-stop clean
 
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -104,6 +104,10 @@ bench: install ## Time training against the reference loop, quiet and beside a b
 bench-ddp: install ## One training process against two (torchrun); write bench/results/ddp.json
 	$(PY) bench/train_speed.py --device cpu --steps 150 --repeats 3 --variant default \
 		--variant ddp2 --json bench/results/ddp.json
+
+bench-gpu: install ## On a CUDA GPU: default and bf16 against the reference, and time to 99.5%; write bench/results/cuda.json
+	$(PY) bench/train_speed.py --device cuda --repeats 3 --variant default --variant bf16 \
+		--recipe-file recipes/best-single.yaml --json bench/results/cuda.json
 
 report: install ## Regenerate bench/RESULTS.md from bench/results/*.json
 	$(PY) bench/report.py > bench/RESULTS.md

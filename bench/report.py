@@ -6,6 +6,7 @@ Inputs (each written by the command named in its section, numbers only):
   bench/results/speed.json     `make bench`    (bench/train_speed.py --json ...)
   bench/results/profile.json   `make bench`    (bench/step_profile.py --json ...)
   bench/results/ddp.json       `make bench-ddp` (the same, one process against two)
+  bench/results/cuda.json      `make bench-gpu` (the same on a CUDA GPU, with time to 99.5%)
   bench/results/accuracy.json  `make accuracy` (bench/accuracy.py)
   bench/results/bf16.json      `make accuracy-bf16` (bench/accuracy.py, fp32 against bf16)
   bench/results/source.json    what the blog post the reference recipe comes from reports
@@ -80,7 +81,7 @@ def machine_line(m: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def speed_section(speed: dict[str, Any]) -> list[str]:
+def speed_section(speed: dict[str, Any], target: str = "make bench") -> list[str]:
     s, rows = speed["settings"], {r["name"]: r for r in speed["rows"]}
     device = "GPU" if speed["machine"].get("gpu") else "CPU"
     lines = [
@@ -101,7 +102,7 @@ def speed_section(speed: dict[str, Any]) -> list[str]:
         f"- Runs: {s['epochs']} epoch(s) of "
         + (f"{s['steps']} steps, extrapolated to a whole epoch" if s["steps"] else "60,000 images")
         + f", {s['repeats']} alternating repeat(s), batch {s['batch_size']}",
-        f"- Command: `make bench` (`python {s['command']}`)",
+        f"- Command: `{target}` (`python {s['command']}`)",
         "",
         "| row | s/epoch | images/s | vs reference | test accuracy after the run | CPU use |",
         "|-----|--------:|---------:|-------------:|----------------------------:|--------:|",
@@ -132,6 +133,40 @@ def speed_section(speed: dict[str, Any]) -> list[str]:
             gain = rows[name]["images_per_second"] / rows[before]["images_per_second"]
             lines.append(f"- {gain:.2f}x: {what} (`{before}` -> `{name}`)")
     return lines
+
+
+def recipe_section(speed: dict[str, Any]) -> list[str]:
+    """The whole recipe per variant (`--recipe`): when it reached the target accuracy."""
+    recipe_file = speed["settings"].get("recipe_file")
+    recipe = f"`{recipe_file}`" if recipe_file else "the reference recipe"
+    target = speed["recipe"][0]["target_accuracy"]
+    lines = ["### Time to " + pct(target, 1), "",
+             f"Each variant trains {recipe} on all 60,000 training images, once, after the "
+             "timed rows. After each epoch (untimed) it scores the network that the train "
+             "stage would register on the 10,000 test images (the weight average and the "
+             "shifted copies, where the recipe has them). Time is training time only.", "",
+             "| variant | epochs | reached " + pct(target, 1) + " | after | final test "
+             "accuracy | training time |",
+             "|---------|-------:|--------:|------:|----------:|------:|"]
+    for r in speed["recipe"]:
+        reached = (f"epoch {r['epoch_reached']}", f"{r['seconds_to_target']:.1f} s") if r[
+            "epoch_reached"] else ("not reached", "-")
+        lines.append(f"| {row_name(r['variant'])} | {r['epochs']} | {reached[0]} | "
+                     f"{reached[1]} | {pct(r['final_accuracy'])} | "
+                     f"{r['train_seconds']:.1f} s |")
+    return lines
+
+
+def gpu_section(cuda: dict[str, Any] | None) -> list[str]:
+    """`make bench-gpu`'s result, or how to get one."""
+    if cuda is None:
+        return ["## Training speed (GPU)", "",
+                "No GPU result is committed. On a machine with a CUDA GPU, `make bench-gpu` "
+                "times the default and bf16 rows against the reference loop and trains the "
+                "default recipe (`recipes/best-single.yaml`) to 99.5% in each; it writes "
+                "`bench/results/cuda.json`, and `make report` then shows it here."]
+    lines = speed_section(cuda, "make bench-gpu")
+    return [*lines, "", *recipe_section(cuda)] if cuda.get("recipe") else lines
 
 
 def loaded_section(speed: dict[str, Any]) -> list[str]:
@@ -359,6 +394,7 @@ def report(folder: Path = RESULTS) -> str:
     speed, accuracy = load("speed.json", folder), load("accuracy.json", folder)
     source, ddp = load("source.json", folder), load("ddp.json", folder)
     profile, bf16 = load("profile.json", folder), load("bf16.json", folder)
+    cuda = load("cuda.json", folder)
     lines = [
         "# Benchmark results",
         "",
@@ -381,6 +417,7 @@ def report(folder: Path = RESULTS) -> str:
         lines += ["", *bf16_section(bf16, speed)]
     if ddp:
         lines += ["", *ddp_section(ddp)]
+    lines += ["", *gpu_section(cuda)]
     return "\n".join(lines) + "\n"
 
 

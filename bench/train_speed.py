@@ -17,6 +17,9 @@ torchvision and numpy (no mlflow, dvc or PyYAML).
       --variant plain --variant plain+channels_last     (tokens apply left to right)
   python bench/train_speed.py --device cuda --repeats 3 --variant default --variant bf16
       (on CUDA also the whole recipe per variant: time to 99.5% test accuracy; see --recipe)
+  python bench/train_speed.py --device cuda --repeats 3 --variant default --variant bf16 \
+      --recipe-file recipes/best-single.yaml     (`make bench-gpu`: the recipe rows train the
+      project's default recipe, scored as the train stage scores it: EMA weights, TTA)
   python bench/train_speed.py --device cpu --steps 150 --repeats 3 --variant default \
       --variant ddp2      (ddp2: 2 processes under torchrun, data parallel, threads shared)
   python bench/train_speed.py --device cpu --steps 150 --repeats 3 --threads 2 \
@@ -61,7 +64,7 @@ from mnist_pipeline.data import SPLITS, load_split  # noqa: E402
 from mnist_pipeline.fused import status as fused_status  # noqa: E402
 from mnist_pipeline.io import write_json  # noqa: E402
 from mnist_pipeline.loop import build_state, fit, to_tensor, validate  # noqa: E402
-from mnist_pipeline.params import TrainParams  # noqa: E402
+from mnist_pipeline.params import ParamsError, TrainParams  # noqa: E402
 from mnist_pipeline.runtime import (  # noqa: E402
     configure_determinism,
     cpu_model,
@@ -114,6 +117,18 @@ def parse_variant(name: str) -> dict[str, Any]:
 
 def variant_params(name: str) -> TrainParams:
     return dataclasses.replace(TrainParams(), **parse_variant(name))
+
+
+def recipe_params(args: argparse.Namespace, variant: str) -> TrainParams:
+    """A recipe row's params: --recipe-file's train overrides (a YAML file like recipes/*.yaml;
+    this needs PyYAML), then the variant's tokens, then --recipe-epochs when given."""
+    params = TrainParams()
+    if args.recipe_file is not None:
+        from mnist_pipeline.recipes import apply_recipe, load_recipe
+
+        params = apply_recipe(params, load_recipe(args.recipe_file))
+    params = dataclasses.replace(params, **parse_variant(variant))
+    return dataclasses.replace(params, epochs=args.recipe_epochs or params.epochs)
 
 
 BF16_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile")  # CPU instructions for bf16 math
@@ -225,16 +240,18 @@ def run_project(
 def run_recipe(
     params: TrainParams, tensors: tuple[torch.Tensor, ...], epochs: int, device: torch.device,
 ) -> dict[str, Any]:
-    """The whole recipe through fit; test accuracy after each epoch (untimed): time to 99.5%."""
+    """The whole recipe through fit; test accuracy after each epoch (untimed) of the network
+    the train stage would register (the weight average with EMA; shifted copies with TTA):
+    time to 99.5%."""
     x, y, x_test, y_test = tensors
     params = dataclasses.replace(params, epochs=epochs)
     configure_determinism(device, params.cuda_deterministic)
-    state = build_state(params, device)
+    state = build_state(params, device, len(x) // params.batch_size)
     accuracies: list[float] = []
 
     def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
-        accuracies.append(validate(state.model, x_test, y_test, params.eval_batch_size,
-                                   params.amp)["accuracy"])
+        accuracies.append(validate(state.eval_model(), x_test, y_test, params.eval_batch_size,
+                                   params.amp, params.tta)["accuracy"])
 
     history = fit(state, params, x, y, on_epoch_end)
     elapsed = np.cumsum([h["epoch_seconds"] for h in history]).tolist()
@@ -264,7 +281,8 @@ def cpu_share(cpu_start: float, wall_start: float) -> float:
 def child_project(args: argparse.Namespace, row: str, device: torch.device,
                   world: distributed.World = distributed.SINGLE) -> dict[str, Any]:
     recipe = row.startswith("recipe:")
-    params = variant_params(row.removeprefix("recipe:"))
+    params = (recipe_params(args, row.removeprefix("recipe:")) if recipe
+              else variant_params(row))
     start = time.perf_counter()
     if args.warmup:  # untimed, on a throwaway model; for 'compile', the compilation
         run_project(params, project_tensors(args, params, device, args.warmup), 1, device,
@@ -273,7 +291,7 @@ def child_project(args: argparse.Namespace, row: str, device: torch.device,
     tensors = project_tensors(args, params, device, args.steps)
     cpu, wall = time.process_time(), time.perf_counter()
     if recipe:
-        result = run_recipe(params, tensors, args.recipe_epochs, device)
+        result = run_recipe(params, tensors, params.epochs, device)
     else:
         result = run_project(params, tensors, args.epochs, device, world=world)
     return {**result, "warmup_seconds": warmup, "epoch_images": epoch_images(args.raw),
@@ -324,7 +342,7 @@ def child_main(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     world = distributed.SINGLE
     if distributed.launched_by_torchrun(os.environ):  # one rank of a data-parallel row
-        params = variant_params(args.child.removeprefix("recipe:"))
+        params = variant_params(args.child)
         world, device, _ = distributed.join(os.environ, device, "auto", params.batch_size,
                                             params.compile, args.threads)
     elif args.threads:
@@ -362,9 +380,10 @@ def run_child(args: argparse.Namespace, row: str, load: int = 0) -> dict[str, An
            "--device", args.device, "--epochs", str(args.epochs), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--threads", str(args.threads),
            "--recipe-epochs", str(args.recipe_epochs), "--raw", str(args.raw),
-           "--stats", str(args.stats)]
-    params = (None if row in ("reference", CONVOLUTIONS)
-              else variant_params(row.removeprefix("recipe:")))
+           "--stats", str(args.stats),
+           *(["--recipe-file", str(args.recipe_file)] if args.recipe_file else [])]
+    params = (None if row in ("reference", CONVOLUTIONS) or row.startswith("recipe:")
+              else variant_params(row))
     if params is not None and params.nproc > 1:
         # torchrun's own --standalone launch; threads split as the train stage splits them
         cmd, env = distributed.plan_torchrun(params.nproc, torch.device(args.device), "auto",
@@ -455,6 +474,7 @@ def make_report(
             "device": args.device, "epochs": args.epochs, "steps": args.steps or None,
             "repeats": args.repeats, "warmup_steps": args.warmup, "batch_size": 100,
             "load": args.load,
+            "recipe_file": None if args.recipe_file is None else str(args.recipe_file),
             "accuracy_after": accuracy_after,
             "command": " ".join(["bench/train_speed.py", *sys.argv[1:]]),
         },
@@ -495,7 +515,8 @@ def format_table(report: dict[str, Any]) -> str:
             name = row["name"] if row["name"] == "reference" else f"project {row['name']}"
             lines.append(f"{name:<40}{row['seconds_per_epoch']:>9.2f}{row['ratio']:>7.2f}x"
                          f"{row['slowdown']:>9.2f}x{row['cpu_share']:>9.0%}")
-    for name, r in zip(report["speedups"], report["recipe"] or [], strict=False):
+    for r in report["recipe"] or []:
+        name = r["variant"]
         reached = (f"{r['target_accuracy']:.1%} at epoch {r['epoch_reached']}, after "
                    f"{r['seconds_to_target']:.1f} s" if r["epoch_reached"]
                    else f"{r['target_accuracy']:.1%} not reached")
@@ -530,7 +551,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--recipe", action=argparse.BooleanOptionalAction, default=None,
                    help="also train each variant's whole recipe: time to 99.5%% test accuracy "
                         "(default: on for cuda)")
-    p.add_argument("--recipe-epochs", type=int, default=TrainParams().epochs)
+    p.add_argument("--recipe-file", type=Path,
+                   help="the recipe rows' train overrides: a YAML file like "
+                        "recipes/best-single.yaml (default: the reference recipe)")
+    p.add_argument("--recipe-epochs", type=int, default=0,
+                   help="the recipe rows' epochs (default 0: the recipe's)")
     p.add_argument("--raw", type=Path, default=ROOT / "data" / "raw",
                    help="the MNIST IDX files, decompressed or .gz (default data/raw)")
     p.add_argument("--stats", type=Path, default=ROOT / "data" / "stats.json",
@@ -543,10 +568,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parse_variant(variant)
         except ValueError as exc:
             p.error(str(exc))
-    if min(args.epochs, args.repeats, args.recipe_epochs) < 1 or min(
-            args.steps, args.warmup, args.load) < 0:
-        p.error("--epochs, --repeats and --recipe-epochs must be >= 1; --steps, --warmup, "
-                "--load >= 0")
+    if min(args.epochs, args.repeats) < 1 or min(
+            args.steps, args.warmup, args.load, args.recipe_epochs) < 0:
+        p.error("--epochs and --repeats must be >= 1; --steps, --warmup, --load and "
+                "--recipe-epochs >= 0")
+    if args.recipe_file is not None and not args.child:
+        try:  # a bad recipe stops the benchmark before any run
+            for variant in args.variant or ["default"]:
+                recipe_params(args, variant)
+        except ImportError as exc:
+            p.error(f"--recipe-file needs PyYAML ({exc})")
+        except ParamsError as exc:
+            p.error(str(exc))
     rows = ["reference", *(args.variant or ["default"])]
     for row in args.loaded or []:
         if row not in rows:
@@ -574,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = benchmark(args, variants)
         recipe = None
         if args.recipe if args.recipe is not None else device.type == "cuda":
-            recipe = [run_child(args, f"recipe:{v}") for v in variants]
+            recipe = [{"variant": v, **run_child(args, f"recipe:{v}")} for v in variants]
     report = make_report(runs, recipe, args, device)
     print(format_table(report))
     if args.json:

@@ -109,6 +109,59 @@ def test_recipe_reports_accuracy_per_epoch_and_when_the_target_was_reached(bench
     assert result["final_accuracy"] == result["accuracy_per_epoch"][-1]
 
 
+def test_recipe_scores_the_network_the_train_stage_registers(bench, monkeypatch):
+    """With a weight average and test-time averaging (the default recipe's), each epoch's
+    accuracy is the average's, over shifted copies, as the train stage would register it."""
+    images, labels = load_real("train", 200)
+    x = to_tensor(images, 0.13, 0.31, torch.device("cpu"))
+    y = torch.from_numpy(labels)
+    params = dataclasses.replace(TrainParams(), batch_size=50, ema_decay=0.9, tta=True,
+                                 scheduler="onecycle")
+    scored = []
+
+    def validate(model, *args):
+        scored.append((model, args[-1]))
+        return real_validate(model, *args)
+
+    real_validate = bench.validate
+    monkeypatch.setattr(bench, "validate", validate)
+    bench.run_recipe(params, (x, y, x[:100], y[:100]), 2, torch.device("cpu"))
+    assert len(scored) == 2
+    for model, tta in scored:
+        assert tta is True
+        assert not any(p.requires_grad for p in model.parameters())  # the EMA copy
+
+
+def test_recipe_rows_train_the_recipe_file(tiny, tmp_path):
+    raw, env = tiny
+    env = {k: v for k, v in env.items() if k != "PYTHONPATH"}  # a recipe file needs PyYAML
+    recipe = tmp_path / "quick.yaml"
+    recipe.write_text("train:\n  epochs: 2\n  scheduler: onecycle\n  ema_decay: 0.9\n")
+    out = tmp_path / "out.json"
+    done = run_bench(env, "--device", "cpu", "--steps", "2", "--warmup", "1", "--threads", "1",
+                     "--variant", "default", "--recipe", "--recipe-file", str(recipe),
+                     "--raw", str(raw), "--stats", str(tmp_path / "none.json"),
+                     "--json", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["settings"]["recipe_file"] == str(recipe)
+    [row] = report["recipe"]
+    assert row["epochs"] == 2 and len(row["accuracy_per_epoch"]) == 2  # the file's epochs
+    assert "recipe default: 2 epochs" in done.stdout
+
+
+def test_a_bad_recipe_file_stops_the_bench_before_any_run(tiny, tmp_path):
+    raw, env = tiny
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("train:\n  epochs: 0\n")
+    env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    done = run_bench(env, "--device", "cpu", "--recipe", "--recipe-file", str(recipe),
+                     "--raw", str(raw))
+    assert done.returncode == 2
+    assert "bad.yaml: params: train.epochs" in done.stderr and "Traceback" not in done.stderr
+    assert "reference" not in done.stdout
+
+
 def _busy_loops() -> list[int]:
     """PIDs of running processes whose command line is the benchmark's busy loop."""
     pids = []
@@ -206,7 +259,8 @@ def test_busy_process_runs_until_stopped(bench):
     (["--loaded", "default"], "--loaded needs --load N"),
     (["--load", "1", "--loaded", "bf16"], "--loaded bf16: not a row of this run"),
     (["--load", "1", "--loaded", "default"], "include reference"),
-    (["--load", "-1"], "--load >= 0"),
+    (["--load", "-1"], "--load and --recipe-epochs >= 0"),
+    (["--repeats", "0"], "--epochs and --repeats must be >= 1"),
 ])
 def test_bench_rejects_inconsistent_load_options(bench, args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

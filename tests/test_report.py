@@ -118,3 +118,30 @@ def test_bf16_recipe_offered_only_when_fast_and_as_accurate(report, tmp_path, bf
     assert "The CPU of the speed table has avx512_bf16 and no AMX" in text
     assert ("offered as `recipes/bf16.yaml`" in text) is offered
     assert ("`amp` stays `none`" in text) is not offered
+
+
+def test_gpu_section_shows_make_bench_gpu_and_the_time_to_the_target(report, tmp_path):
+    assert "No GPU result is committed" in report.report(tmp_path)
+    recipe = {"epochs": 17, "train_seconds": 51.0, "final_accuracy": 0.9971,
+              "target_accuracy": 0.995, "accuracy_per_epoch": [0.99] * 17}
+    cuda = {
+        "machine": {**MACHINE, "gpu": "Test GPU", "cuda": "13.0"},
+        "settings": {"epochs": 1, "steps": None, "repeats": 3, "batch_size": 100, "load": 0,
+                     "recipe_file": "recipes/best-single.yaml",
+                     "command": "bench/train_speed.py --device cuda"},
+        "rows": [_row("reference", 4000, 1.0), _row("default", 40000, 10.0),
+                 _row("bf16", 48000, 12.0)],
+        "loaded_rows": [],
+        "recipe": [{"variant": "default", **recipe, "epoch_reached": 6,
+                    "seconds_to_target": 18.04},
+                   {"variant": "bf16", **recipe, "epoch_reached": None,
+                    "seconds_to_target": None}],
+    }
+    (tmp_path / "cuda.json").write_text(json.dumps(cuda))
+    text = report.report(tmp_path).split("## Training speed (GPU)")[1]
+    assert "GPU Test GPU (CUDA 13.0)" in text and "No GPU result" not in text
+    assert "- Command: `make bench-gpu` (`python bench/train_speed.py --device cuda`)" in text
+    assert "| project default | 1.50 | 40000 | 10.00x |" in text
+    assert "### Time to 99.5%" in text and "`recipes/best-single.yaml`" in text
+    assert "| project default | 17 | epoch 6 | 18.0 s | 99.71% | 51.0 s |" in text
+    assert "| project, bf16 autocast (`amp: bf16`) | 17 | not reached | - | 99.71% |" in text
