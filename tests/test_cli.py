@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from .conftest import CLI
+
 
 def test_registry_commands_start_without_torch():
     probe = ("import sys\nimport mnist_pipeline.cli as cli\n"
@@ -15,3 +17,13 @@ def test_registry_commands_start_without_torch():
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_a_bad_params_yaml_stops_a_command_with_one_line_naming_the_key(tmp_path):
+    (tmp_path / "params.yaml").write_text("train:\n  lr: fast\n")
+    done = subprocess.run([CLI, "models"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.strip() == ("error: params: train.lr: expected a number > 0 and <= 10, "
+                                   "got 'fast'")
+    assert not (tmp_path / "mlruns").exists()  # stopped before touching a store

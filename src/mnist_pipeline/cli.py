@@ -323,6 +323,12 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    run_stage(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> object:
+    """The command, with --name defaulting to params.yaml's registered model (a bad
+    params.yaml stops it with run_stage's one-line message)."""
     if getattr(args, "name", "") is None:
         try:
             args.name = load_params(args.params, "train").registered_model
@@ -330,4 +336,4 @@ def main(argv: list[str] | None = None) -> None:
             if args.params != Path("params.yaml") or args.params.exists():
                 raise
             args.name = "mnist-cnn"
-    run_stage(lambda: args.func(args))
+    return args.func(args)
