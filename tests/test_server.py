@@ -5,6 +5,7 @@ logins and permissions, host checking, concurrent clients, artifacts through the
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import stat
 import subprocess
@@ -49,6 +50,10 @@ def test_command_starts_finds_and_stops_the_server():
         first = run([CLI, "server", "start", *args], base, env, timeout=240)
         assert "Started: MLflow tracking server http://127.0.0.1:" in first.stdout
         assert f"source {folder / 'client.env'}" in first.stdout
+        # the stop command it prints stops this server, not the default folder's
+        stop_line = next(ln for ln in first.stdout.splitlines() if ln.startswith("Stop it: "))
+        stop_command = shlex.split(stop_line.removeprefix("Stop it: "))
+        assert stop_command == ["mnist-pipeline", "server", "stop", "--dir", str(folder)]
         secrets = folder / "credentials.json"
         for private in (secrets, folder / "client.env", folder / "auth.ini"):
             assert stat.S_IMODE(private.stat().st_mode) == 0o600, private
@@ -64,12 +69,12 @@ def test_command_starts_finds_and_stops_the_server():
         moved = run([CLI, "server", "start", *args, "--allowed-hosts", "box.example"], base,
                     env, timeout=60, check=False)
         assert moved.returncode != 0 and "already runs with --allowed-hosts none (asked: "\
-            "box.example)" in moved.stderr and "server stop" in moved.stderr
+            "box.example)" in moved.stderr and f"server stop --dir {folder}" in moved.stderr
         up = run([CLI, "server", "status", "--dir", str(folder)], base, env)
         assert f"running, pid {mlflow_pid}, answers on http://" in up.stdout
         assert f"running, pid {postgres_pid}" in up.stdout
 
-        stopped = run([CLI, "server", "stop", "--dir", str(folder)], base, env, timeout=120)
+        stopped = run([CLI, *stop_command[1:]], base, env, timeout=120)
         assert "stopped MLflow and PostgreSQL" in stopped.stdout
         assert not server.pid_alive(mlflow_pid) and not server.pid_alive(postgres_pid)
         down = run([CLI, "server", "status", "--dir", str(folder)], base, env, check=False)
@@ -214,3 +219,11 @@ def test_options_that_differ_from_the_running_servers_are_refused(tmp_path):
         server.check_unchanged(paths, {**same, "port": 5001, "postgres_port": 6000})
     assert "already runs with --port 5000 (asked: 5001); --postgres-port 5433 (asked: 6000)" \
         in str(refused.value) and "mnist-pipeline server stop" in str(refused.value)
+
+
+def test_the_stop_command_names_the_folder_unless_it_is_the_default(tmp_path):
+    default = tmp_path / ".tracking"
+    assert server.stop_command(default, default) == "mnist-pipeline server stop"
+    assert server.stop_command(tmp_path / "my dir", default) == (
+        f"mnist-pipeline server stop --dir '{tmp_path / 'my dir'}'")
+    assert server.stop_command(default) == f"mnist-pipeline server stop --dir {default}"

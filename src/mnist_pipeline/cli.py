@@ -203,7 +203,8 @@ def cmd_build_kernels(args: argparse.Namespace) -> int:
 def cmd_server(args: argparse.Namespace) -> int:
     from . import server
 
-    root = args.dir or repo_root(os.environ, Path.cwd()) / server.DEFAULT_DIR
+    default_root = repo_root(os.environ, Path.cwd()) / server.DEFAULT_DIR
+    root = args.dir or default_root
     if args.action == "stop":
         stopped = server.stop(root)
         print(f"stopped {' and '.join(stopped)} of {root}" if stopped
@@ -216,7 +217,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     hosts = [h.strip() for h in (args.allowed_hosts or "").split(",") if h.strip()]
     found, already = server.start(root, args.host, args.port, hosts, args.postgres_port,
                                   args.workers)
-    print(server.start_report(found, already))
+    print(server.start_report(found, already, default_root))
     return 0
 
 

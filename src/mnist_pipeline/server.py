@@ -18,6 +18,7 @@ import json
 import os
 import pwd
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -446,7 +447,7 @@ def running(paths: ServerPaths) -> Server | None:
     if not healthy(local_url(state["host"], state["port"])):
         raise ServerError(f"the MLflow server of {paths.root} (pid {pid}) is running but does "
                           "not answer; see "
-                          f"{paths.mlflow_log}, or stop it: mnist-pipeline server stop")
+                          f"{paths.mlflow_log}, or stop it: {stop_command(paths.root)}")
     return describe(paths, load_credentials(paths), pid)
 
 
@@ -458,7 +459,7 @@ def check_unchanged(paths: ServerPaths, asked: dict[str, object]) -> None:
     if changed:
         raise ServerError(f"the server of {paths.root} already runs with "
                           f"{'; '.join(changed)}: to change that, stop it first "
-                          "(mnist-pipeline server stop)")
+                          f"({stop_command(paths.root)})")
 
 
 def _option(value: object) -> str:
@@ -542,8 +543,15 @@ def status_report(root: Path) -> tuple[list[str], bool]:
         state["healthy"] and state["postgres_pid"])
 
 
-def start_report(found: Server, already: bool) -> str:
-    """What `server start` prints: where the server is and how a shell uses it."""
+def stop_command(root: Path, default: Path | None = None) -> str:
+    """The command that stops the server of `root`: with --dir unless `root` is `default`,
+    the folder that a plain `server stop` would take."""
+    same = default is not None and root.resolve() == default.resolve()
+    return "mnist-pipeline server stop" + ("" if same else f" --dir {shlex.quote(str(root))}")
+
+
+def start_report(found: Server, already: bool, default_root: Path | None = None) -> str:
+    """What `server start` prints: where the server is, how a shell uses it and stops it."""
     return (f"{'Already running' if already else 'Started'}: MLflow tracking server "
             f"{found.uri} (pid {found.mlflow_pid}), PostgreSQL on 127.0.0.1:"
             f"{found.postgres_port}, artifacts in {found.artifacts_dir}\n"
@@ -551,4 +559,4 @@ def start_report(found: Server, already: bool) -> str:
             f"  (exports MLFLOW_TRACKING_URI={found.uri} MLFLOW_TRACKING_USERNAME="
             f"{found.username} and MLFLOW_TRACKING_PASSWORD, which is also in "
             f"{found.data_dir / 'credentials.json'})\n"
-            "Stop it: mnist-pipeline server stop")
+            f"Stop it: {stop_command(found.data_dir, default_root)}")
