@@ -44,13 +44,16 @@ ui: install ## Open the MLflow UI on the local store (http://127.0.0.1:5000)
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlruns/artifacts --host $(HOST) --port $(PORT)
 
-serve: install ## Serve models:/mnist-cnn@champion on http://127.0.0.1:5001/invocations
+SERVE_PORT ?= 5001
+serve: install ## Serve models:/mnist-cnn@champion on http://127.0.0.1:5001/invocations (SERVE_PORT=P: another port)
 	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db} mlflow models serve \
-		-m models:/mnist-cnn@champion --env-manager local --host $(HOST) --port 5001
+		-m models:/mnist-cnn@champion --env-manager local --host $(HOST) --port $(SERVE_PORT)
 
 ALLOWED_HOSTS ?=
-server: install ## Start the shared tracking server in .tracking/ (docs/team.md: HOST, ALLOWED_HOSTS)
-	mnist-pipeline server start --host $(HOST) --port $(PORT) $(if $(ALLOWED_HOSTS),--allowed-hosts $(ALLOWED_HOSTS))
+POSTGRES_PORT ?=
+server: install ## Start the shared tracking server in .tracking/ (docs/team.md: HOST, ALLOWED_HOSTS, POSTGRES_PORT)
+	mnist-pipeline server start --host $(HOST) --port $(PORT) $(if $(ALLOWED_HOSTS),--allowed-hosts $(ALLOWED_HOSTS)) \
+		$(if $(POSTGRES_PORT),--postgres-port $(POSTGRES_PORT))
 
 server-stop: ## Stop the shared tracking server
 	mnist-pipeline server stop
