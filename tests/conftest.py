@@ -22,8 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 CLI = str(VENV_BIN / "mnist-pipeline")
 # What a copy of the project needs to run its pipeline.
-PROJECT_FILES = ("dvc.yaml", "params.yaml", "stages", "src", ".dvc/config", ".dvcignore",
-                 ".gitignore", "pyproject.toml", "mlruns/README.md")
+PROJECT_FILES = ("dvc.yaml", "params.yaml", "stages", "src", ".dvc/config", ".dvc/.gitignore",
+                 ".dvcignore", ".gitignore", "pyproject.toml", "mlruns/README.md",
+                 *(f"{folder}/.gitignore" for folder in ("data", "models", "metrics", "plots",
+                                                         "reports")))
 
 
 def mnist_mirror() -> Path:
@@ -126,9 +128,11 @@ def pipeline(tmp_path_factory):
     log = {"first": run(["dvc", "repro", "compute-stats"], repo, env)}
     log["second"] = run(["dvc", "repro", "compute-stats"], repo, env)
     log["status"] = run(["dvc", "status", "compute-stats"], repo, env)
+    log["git_after_repro"] = run(["git", "status", "--porcelain"], repo, env)
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-q", "-m", "data"], repo, env)
     log["exp"] = run(["dvc", "exp", "run", "-S", "train.epochs=1"], repo, env)
+    log["git_after_exp"] = run(["git", "status", "--porcelain"], repo, env)
     return repo, env, log
 
 

@@ -33,6 +33,15 @@ def test_second_repro_changes_nothing(pipeline):
     assert "up to date" in log["status"].stdout
 
 
+def test_the_committed_gitignore_files_already_ignore_every_output(pipeline):
+    """A clone's first `dvc repro` leaves no .gitignore for the user to commit: only the lock
+    file (and the params an experiment set) change."""
+    _, _, log = pipeline
+    assert log["git_after_repro"].stdout.split() == ["??", "dvc.lock"]
+    changed = {line[3:] for line in log["git_after_exp"].stdout.splitlines()}
+    assert changed == {"dvc.lock", "params.yaml"}, log["git_after_exp"].stdout
+
+
 def test_metrics_show(pipeline):
     repo, env, _ = pipeline
     shown = run(["dvc", "metrics", "show", "--json"], repo, env).stdout
