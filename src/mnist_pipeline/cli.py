@@ -74,9 +74,13 @@ def cmd_promote(args: argparse.Namespace) -> int:
     finally:  # promoted or not, say that a more accurate version exists
         if better:
             number, accuracy = better[0]
+            how = (f"To promote it: mnist-pipeline promote --version {number}"
+                   if accuracy >= params.min_accuracy else
+                   f"It is below the floor {params.min_accuracy:.4%} too: promote refuses it "
+                   f"without --force (mnist-pipeline promote --version {number} --force "
+                   "--reason ...)")
             print(f"Note: version {number} has a higher test accuracy ({accuracy:.4%}) than "
-                  f"version {version.version}. To promote it: mnist-pipeline promote "
-                  f"--version {number}", file=sys.stderr)
+                  f"version {version.version}. {how}", file=sys.stderr)
     before = f", replacing version {entry['previous']}" if entry["previous"] else ""
     print(f"{args.name}@{alias} is now version {entry['version']}{before}. Test accuracy "
           f"{entry['test_accuracy']:.4%}. Reason: {entry['reason']}.")
