@@ -3,6 +3,7 @@ neither torch nor the model code, so that each answers in a few seconds."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -27,3 +28,15 @@ def test_a_bad_params_yaml_stops_a_command_with_one_line_naming_the_key(tmp_path
     assert done.stderr.strip() == ("error: params: train.lr: expected a number > 0 and <= 10, "
                                    "got 'fast'")
     assert not (tmp_path / "mlruns").exists()  # stopped before touching a store
+
+
+def test_registry_commands_outside_a_project_name_the_missing_store(tmp_path):
+    for command in (["models"], ["history"], ["predict", "--model", "models:/m@a", "x.png"]):
+        done = subprocess.run([CLI, *command], capture_output=True, text=True, timeout=120,
+                              cwd=tmp_path, env={k: v for k, v in os.environ.items()
+                                                 if not k.startswith(("MLFLOW_", "DVC_"))})
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.strip().startswith(
+            f"error: no MLflow store at {tmp_path.resolve()}/mlruns/mlflow.db: run this in "
+            "the project's folder"), done.stderr
+        assert not (tmp_path / "mlruns").exists()  # and no empty store made there

@@ -21,6 +21,18 @@ def test_dvc_root_wins_over_a_temporary_copy(tmp_path):
     assert repo_root({"DVC_ROOT": str(tmp_path)}, "/elsewhere") == tmp_path.resolve()
 
 
+def test_the_store_is_the_dvc_repositorys_from_any_folder_inside_it(tmp_path):
+    (tmp_path / ".dvc").mkdir()
+    inside = tmp_path / "src" / "deeper"
+    inside.mkdir(parents=True)
+    assert repo_root({}, inside) == tmp_path.resolve()
+    uri, _ = resolve_tracking({}, inside)
+    assert uri == f"sqlite:///{tmp_path.resolve()}/mlruns/mlflow.db"
+    outside = tmp_path.parent / f"{tmp_path.name}-elsewhere"
+    outside.mkdir()
+    assert repo_root({}, outside) == outside.resolve()  # no repository: the folder itself
+
+
 def test_environment_overrides_the_store(tmp_path):
     assert resolve_tracking({"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}, tmp_path) == (
         "http://127.0.0.1:5000", None)

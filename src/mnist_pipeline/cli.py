@@ -29,7 +29,7 @@ from . import registry
 from .errors import PipelineError, run_stage
 from .io import read_json, repo_root
 from .params import load_params
-from .tracking import git_state, resolve_tracking, store_client
+from .tracking import git_state, resolve_tracking, sqlite_file, store_client
 
 
 def _store() -> str:
@@ -37,7 +37,13 @@ def _store() -> str:
 
 
 def _client(args: argparse.Namespace) -> Any:
-    return store_client(_store())
+    """The client of the store that holds the registered models: one that exists."""
+    uri = _store()
+    database = sqlite_file(uri)
+    if database is not None and not database.is_file():
+        raise PipelineError(f"no MLflow store at {database}: run this in the project's folder "
+                            "after `dvc repro`, or set MLFLOW_TRACKING_URI to the store")
+    return store_client(uri)
 
 
 def _provenance() -> dict[str, str]:
@@ -295,8 +301,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p = add("models", cmd_models, "List the versions with their aliases, accuracy and run.")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--recipes", type=Path, default=Path("recipes"),
-                   help="the recipes to name each version's params by")
+    p.add_argument("--recipes", type=Path,
+                   help="the recipes to name each version's params by (default: the "
+                        "project's recipes/)")
 
     p = add("ensemble", cmd_ensemble,
             "Register the ensemble (averaged probabilities) of several versions as one model.")

@@ -17,12 +17,18 @@ from typing import Any
 
 
 def repo_root(env: Mapping[str, str], cwd: str | Path) -> Path:
-    """The repository the pipeline runs for (its mlruns/, relative mirror paths).
+    """The repository the pipeline runs for (its mlruns/, relative mirror paths): DVC_ROOT,
+    else the DVC repository that holds `cwd` (the nearest folder at or above it with a .dvc/
+    folder, as `dvc` finds it), else `cwd` itself.
 
     DVC sets DVC_ROOT to the main repository even when an experiment runs in a temporary
     copy (`dvc exp run --temp/--queue`), so every run lands in the same store.
     """
-    return Path(env.get("DVC_ROOT") or cwd).resolve()
+    if env.get("DVC_ROOT"):
+        return Path(env["DVC_ROOT"]).resolve()
+    here = Path(cwd).resolve()
+    return next((folder for folder in (here, *here.parents) if (folder / ".dvc").is_dir()),
+                here)
 
 
 @contextlib.contextmanager

@@ -39,6 +39,12 @@ def resolve_tracking(env: Mapping[str, str], cwd: str | Path) -> tuple[str, str 
     return f"sqlite:///{store / 'mlflow.db'}", (store / "artifacts").as_uri()
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a local SQLite store's URI, or None for any other store."""
+    prefix = "sqlite:///"
+    return Path(uri.removeprefix(prefix)) if uri.startswith(prefix) else None
+
+
 def store_client(uri: str) -> Any:
     """An MlflowClient on the store at `uri` (a server is checked first: reachable, login
     accepted), also made the default store of this process (for `models:/` URIs loaded
@@ -205,8 +211,7 @@ class MlflowTracker(NullTracker):
 
     def _sqlite_path(self) -> Path | None:
         """The database file of a local SQLite store, or None for any other store."""
-        prefix = "sqlite:///"
-        return Path(self.uri.removeprefix(prefix)) if self.uri.startswith(prefix) else None
+        return sqlite_file(self.uri)
 
     def _get_or_create_experiment(self) -> str:
         import mlflow
