@@ -61,6 +61,8 @@ def test_runs_are_named_by_the_recipe_their_params_match():
         assert match_recipe(logged(apply_recipe(base, recipe)), recipes) == name
     assert match_recipe(logged(base), recipes) == "best-single"  # the default
     assert match_recipe(logged(dataclasses.replace(base, epochs=3)), recipes) == "custom"
+    assert match_recipe(logged(dataclasses.replace(base, train_subset=2000)), recipes) == (
+        "custom")  # a recipe trains on all the images
     assert load_recipes(ROOT / "no-such-folder") == {}
 
 

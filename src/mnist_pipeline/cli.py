@@ -127,7 +127,7 @@ def _percent(accuracy: float | None) -> str:
 def cmd_models(args: argparse.Namespace) -> int:
     from .recipes import load_recipes, match_recipe
 
-    recipes = load_recipes(args.recipes)
+    recipes = load_recipes(args.recipes or repo_root(os.environ, Path.cwd()) / "recipes")
     rows = registry.list_versions(_client(args), args.name,
                                   lambda params: match_recipe(params, recipes))
     if args.json:
@@ -148,7 +148,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not args.model:
         alias = load_params(args.params, "promote").alias
         args.model = f"models:/{args.name}@{alias}"
-    _client(args)
+    if args.model.startswith(("models:/", "runs:/")):
+        _client(args)  # (the store, which must exist, becomes this process's)
     failed = 0
     for row in predict_files(args.model, args.images):
         failed += "error" in row

@@ -49,7 +49,11 @@ def load_recipes(folder: str | Path) -> dict[str, dict[str, Any]]:
 
 def match_recipe(params: dict[str, str], recipes: dict[str, dict[str, Any]]) -> str:
     """The name of the recipe whose train overrides all equal `params` (an MLflow run's
-    params, as strings), the most specific one if several do; else 'custom'."""
+    params, as strings), the most specific one if several do; else 'custom'. A run on part
+    of the training images (train_subset) is 'custom' whatever its recipe: every recipe
+    trains on all of them."""
+    if params.get("train_subset", "0") != "0":
+        return "custom"
     fits = [(len(r.get("train", {})), name) for name, r in recipes.items()
             if all(params.get(k) == str(v) for k, v in r.get("train", {}).items())]
     return max(fits)[1] if fits else "custom"
