@@ -54,6 +54,12 @@ def test_command_starts_finds_and_stops_the_server():
         stop_line = next(ln for ln in first.stdout.splitlines() if ln.startswith("Stop it: "))
         stop_command = shlex.split(stop_line.removeprefix("Stop it: "))
         assert stop_command == ["mnist-pipeline", "server", "stop", "--dir", str(folder)]
+        # a logged-in command works at once: the workers were warmed up before "Started"
+        client_env = {**env, **dict(line.removeprefix("export ").split("=", 1) for line in
+                                    (folder / "client.env").read_text().splitlines()
+                                    if line.startswith("export "))}
+        listed = run([CLI, "models", "--name", "none-yet"], base, client_env, check=False)
+        assert "did not answer" not in listed.stderr, listed.stderr
         secrets = folder / "credentials.json"
         for private in (secrets, folder / "client.env", folder / "auth.ini"):
             assert stat.S_IMODE(private.stat().st_mode) == 0o600, private
@@ -227,3 +233,25 @@ def test_the_stop_command_names_the_folder_unless_it_is_the_default(tmp_path):
     assert server.stop_command(tmp_path / "my dir", default) == (
         f"mnist-pipeline server stop --dir '{tmp_path / 'my dir'}'")
     assert server.stop_command(default) == f"mnist-pipeline server stop --dir {default}"
+
+
+def test_start_up_waits_until_every_query_answers_promptly(monkeypatch, tmp_path):
+    """`warm_up` queries until a whole round answers within `quick` seconds; it gives up,
+    with the log's end, when the server never gets there."""
+    rounds = iter([9.0, float("inf"), 0.4, 0.1])
+    asked = []
+
+    def slowest(url, creds, count, timeout=60.0):
+        asked.append(count)
+        return next(rounds)
+
+    monkeypatch.setattr(server, "slowest_query", slowest)
+    monkeypatch.setattr(server, "pid_alive", lambda pid: True)
+    creds = server.Credentials("db", "pw", "secret")
+    log = tmp_path / "mlflow.log"
+    log.write_text("booting\n")
+    server.warm_up("http://127.0.0.1:1", creds, 3, 1, log)
+    assert asked == [6, 6, 6]  # twice the workers at once, until a prompt round
+    monkeypatch.setattr(server, "slowest_query", lambda *args, **kw: 9.0)
+    with pytest.raises(server.ServerError, match="(?s)did not answer logged-in queries.*booting"):
+        server.warm_up("http://127.0.0.1:1", creds, 3, 1, log, timeout=0.05)

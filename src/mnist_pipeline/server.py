@@ -14,6 +14,7 @@ module's own interpreter; this module does not import mlflow.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import pwd
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -223,6 +225,41 @@ def wait_healthy(url: str, pid: int, log: Path, timeout: float = 180.0) -> None:
                       f"{timeout:.0f} s; {log_tail(log)}")
 
 
+def slowest_query(url: str, creds: Credentials, count: int, timeout: float = 60.0) -> float:
+    """Seconds that the slowest of `count` simultaneous logged-in queries (as the admin)
+    took to answer; infinity if one failed."""
+    login = base64.b64encode(f"{creds.admin_username}:{creds.admin_password}".encode())
+    request = urllib.request.Request(f"{url}/api/2.0/mlflow/experiments/search?max_results=1",
+                                     headers={"Authorization": f"Basic {login.decode()}"})
+
+    def query(_: int) -> float:
+        started = time.monotonic()
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                response.read()
+        except (OSError, ValueError):
+            return float("inf")
+        return time.monotonic() - started
+
+    with ThreadPoolExecutor(count) as pool:
+        return max(pool.map(query, range(count)))
+
+
+def warm_up(url: str, creds: Credentials, workers: int, pid: int, log: Path,
+            timeout: float = 180.0, quick: float = 3.0) -> None:
+    """Query the server, twice as many queries at once as it has workers, until all of them
+    answer within `quick` seconds. Each worker sets up its stores on its first request,
+    which takes seconds: a client's first query should not wait for that (or time out)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if slowest_query(url, creds, 2 * workers) < quick:
+            return
+        if not pid_alive(pid):
+            raise ServerError(f"the MLflow server exited during start-up; {log_tail(log)}")
+    raise ServerError(f"the MLflow server on {url} did not answer logged-in queries within "
+                      f"{quick:.0f} s after {timeout:.0f} s of start-up; {log_tail(log)}")
+
+
 # --- PostgreSQL --------------------------------------------------------------------------
 
 
@@ -389,7 +426,8 @@ def local_url(host: str, port: int) -> str:
 
 def start_mlflow(paths: ServerPaths, creds: Credentials, pg_port: int, host: str, port: int,
                  allowed_hosts: list[str], workers: int) -> int:
-    """Start `mlflow server` in its own session, logging to mlflow.log; wait for /health."""
+    """Start `mlflow server` in its own session, logging to mlflow.log; wait until it
+    answers /health, then logged-in queries promptly (`warm_up`)."""
     if not port_free(host, port):
         raise ServerError(f"port {port} on {host} is in use by another program: choose "
                           "another with --port")
@@ -402,6 +440,7 @@ def start_mlflow(paths: ServerPaths, creds: Credentials, pg_port: int, host: str
     paths.mlflow_pid.write_text(f"{proc.pid}\n")
     try:
         wait_healthy(local_url(host, port), proc.pid, paths.mlflow_log)
+        warm_up(local_url(host, port), creds, workers, proc.pid, paths.mlflow_log)
     except ServerError:
         stop_mlflow(paths)
         raise

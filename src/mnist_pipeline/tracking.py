@@ -85,7 +85,7 @@ def params_hash(params: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def check_login(uri: str, timeout: float = 5.0) -> None:
+def check_login(uri: str, timeout: float = 30.0) -> None:
     """Fail, in one line naming the URI and the variables, when the server at `uri` refuses
     the login MLflow sends (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, or none)."""
     from mlflow.utils.credentials import get_default_host_creds
@@ -96,8 +96,9 @@ def check_login(uri: str, timeout: float = 5.0) -> None:
         response = http_request(creds, "/api/2.0/mlflow/experiments/search", "GET",
                                 params={"max_results": 1}, max_retries=0, timeout=timeout)
     except Exception as exc:
-        raise TrackingError(f"the MLflow tracking server {uri} did not answer a query "
-                            f"({type(exc).__name__})") from None
+        cause = " ".join(str(exc).split())[:200]
+        raise TrackingError(f"the MLflow tracking server {uri} did not answer a query within "
+                            f"{timeout:.0f} s ({type(exc).__name__}: {cause})") from None
     if response.status_code == 403 and "host" in response.text.lower():
         raise TrackingError(f"the MLflow tracking server {uri} refused this address "
                             f"({response.text.strip()[:100]}): reach it by a name it was started "
@@ -179,7 +180,7 @@ class MlflowTracker(NullTracker):
                     f"the MLflow tracking server {self.uri} is unreachable ({reason}). Start "
                     "it, point MLFLOW_TRACKING_URI at a running one, or unset it to use ./mlruns."
                 ) from None
-            check_login(self.uri, timeout)
+            check_login(self.uri)  # (a first query can take seconds: its own wait)
         elif self._sqlite_path() is not None:
             folder = self._sqlite_path().parent
             try:
