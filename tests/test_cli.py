@@ -40,3 +40,19 @@ def test_registry_commands_outside_a_project_name_the_missing_store(tmp_path):
             f"error: no MLflow store at {tmp_path.resolve()}/mlruns/mlflow.db: run this in "
             "the project's folder"), done.stderr
         assert not (tmp_path / "mlruns").exists()  # and no empty store made there
+
+
+def test_commands_in_a_subfolder_use_the_projects_params_and_store(tmp_path):
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / "params.yaml").write_text("train:\n  registered_model: digits\n")
+    inside = tmp_path / "src"
+    inside.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    done = subprocess.run([CLI, "models"], capture_output=True, text=True, timeout=120,
+                          cwd=inside, env=env)
+    assert done.returncode == 1
+    assert f"no MLflow store at {tmp_path.resolve()}/mlruns/mlflow.db" in done.stderr
+    (tmp_path / "params.yaml").write_text("train:\n  lr: fast\n")
+    done = subprocess.run([CLI, "models"], capture_output=True, text=True, timeout=120,
+                          cwd=inside, env=env)
+    assert "error: params: train.lr" in done.stderr  # the project's params.yaml was read

@@ -28,7 +28,7 @@ from typing import Any
 from . import registry
 from .errors import PipelineError, run_stage
 from .io import read_json, repo_root
-from .params import load_params
+from .params import SECTIONS, load_params
 from .tracking import git_state, resolve_tracking, sqlite_file, store_client
 
 
@@ -68,7 +68,7 @@ def _candidate(client: Any, args: argparse.Namespace, name: str) -> Any:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    params = load_params(args.params, "promote")
+    params = _params(args, "promote")
     alias = args.alias or params.alias
     client = _client(args)
     version = _candidate(client, args, args.name)
@@ -94,7 +94,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    alias = args.alias or load_params(args.params, "promote").alias
+    alias = args.alias or _params(args, "promote").alias
     entry = registry.rollback(_client(args), args.name, alias, _provenance(), args.reason or "")
     print(f"{args.name}@{alias} rolled back from version {entry['previous']} "
           f"to version {entry['version']}")
@@ -146,7 +146,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict_files
 
     if not args.model:
-        alias = load_params(args.params, "promote").alias
+        alias = _params(args, "promote").alias
         args.model = f"models:/{args.name}@{alias}"
     if args.model.startswith(("models:/", "runs:/")):
         _client(args)  # (the store, which must exist, becomes this process's)
@@ -171,7 +171,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
     tune_cpu_allocator()  # faster CPU inference (the test-set scoring), same numbers
 
-    batch_size = load_params(args.params, "evaluate").batch_size
+    batch_size = _params(args, "evaluate").batch_size
     uri, artifacts = resolve_tracking(os.environ, Path.cwd())
     client = _client(args)
     versions = args.versions or registry.versions_of_experiments(client, args.name,
@@ -281,7 +281,9 @@ def parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         p.add_argument("--name", default=None,
                        help="registered model (default: train.registered_model in params)")
-        p.add_argument("--params", type=Path, default=Path("params.yaml"))
+        p.add_argument("--params", type=Path,
+                       help="default: the project's params.yaml (outside a project: the "
+                            "built-in defaults)")
         return p
 
     p = add("promote", cmd_promote, "Move the alias (default champion) to a model version.")
@@ -343,10 +345,14 @@ def _run(args: argparse.Namespace) -> object:
     """The command, with --name defaulting to params.yaml's registered model (a bad
     params.yaml stops it with run_stage's one-line message)."""
     if getattr(args, "name", "") is None:
-        try:
-            args.name = load_params(args.params, "train").registered_model
-        except PipelineError:
-            if args.params != Path("params.yaml") or args.params.exists():
-                raise
-            args.name = "mnist-cnn"
+        args.name = _params(args, "train").registered_model
     return args.func(args)
+
+
+def _params(args: argparse.Namespace, section: str) -> Any:
+    """A section of --params; by default of the project's params.yaml (from any folder in
+    the project), or outside a project the built-in defaults."""
+    if args.params is not None:
+        return load_params(args.params, section)
+    found = repo_root(os.environ, Path.cwd()) / "params.yaml"
+    return load_params(found, section) if found.is_file() else SECTIONS[section]()
