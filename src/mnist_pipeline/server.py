@@ -26,6 +26,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -226,17 +228,24 @@ def wait_healthy(url: str, pid: int, log: Path, timeout: float = 180.0) -> None:
 
 
 def slowest_query(url: str, creds: Credentials, count: int, timeout: float = 60.0) -> float:
-    """Seconds that the slowest of `count` simultaneous logged-in queries (as the admin)
-    took to answer; infinity if one failed."""
+    """Seconds that the slowest of `count` simultaneous logged-in queries (as the admin, by
+    the name 127.0.0.1, which every server accepts) took to answer; infinity if one got no
+    answer. A refusal (an HTTP error) raises ServerError at once."""
     login = base64.b64encode(f"{creds.admin_username}:{creds.admin_password}".encode())
-    request = urllib.request.Request(f"{url}/api/2.0/mlflow/experiments/search?max_results=1",
-                                     headers={"Authorization": f"Basic {login.decode()}"})
+    headers = {"Authorization": f"Basic {login.decode()}",
+               "Host": f"127.0.0.1:{urllib.parse.urlsplit(url).port}"}
 
     def query(_: int) -> float:
+        request = urllib.request.Request(
+            f"{url}/api/2.0/mlflow/experiments/search?max_results=1", headers=headers)
         started = time.monotonic()
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 response.read()
+        except urllib.error.HTTPError as exc:
+            answer = " ".join(exc.read().decode(errors="replace").split())[:200]
+            raise ServerError(f"the MLflow server on {url} refused a logged-in query "
+                              f"(HTTP {exc.code}: {answer})") from None
         except (OSError, ValueError):
             return float("inf")
         return time.monotonic() - started
@@ -251,11 +260,12 @@ def warm_up(url: str, creds: Credentials, workers: int, pid: int, log: Path,
     answer within `quick` seconds. Each worker sets up its stores on its first request,
     which takes seconds: a client's first query should not wait for that (or time out)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if slowest_query(url, creds, 2 * workers) < quick:
+    while (left := deadline - time.monotonic()) > 0:
+        if slowest_query(url, creds, 2 * workers, min(60.0, left)) < quick:
             return
         if not pid_alive(pid):
             raise ServerError(f"the MLflow server exited during start-up; {log_tail(log)}")
+        time.sleep(0.3)
     raise ServerError(f"the MLflow server on {url} did not answer logged-in queries within "
                       f"{quick:.0f} s after {timeout:.0f} s of start-up; {log_tail(log)}")
 
@@ -584,7 +594,8 @@ def status_report(root: Path) -> tuple[list[str], bool]:
 
 def stop_command(root: Path, default: Path | None = None) -> str:
     """The command that stops the server of `root`: with --dir unless `root` is `default`,
-    the folder that a plain `server stop` would take."""
+    the folder that a plain `server stop` would take (always with it when no default is
+    given, as in the refusals, which do not know it)."""
     same = default is not None and root.resolve() == default.resolve()
     return "mnist-pipeline server stop" + ("" if same else f" --dir {shlex.quote(str(root))}")
 
