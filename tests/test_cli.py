@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from .conftest import CLI
 
@@ -56,3 +57,33 @@ def test_commands_in_a_subfolder_use_the_projects_params_and_store(tmp_path):
     done = subprocess.run([CLI, "models"], capture_output=True, text=True, timeout=120,
                           cwd=inside, env=env)
     assert "error: params: train.lr" in done.stderr  # the project's params.yaml was read
+
+
+def test_the_note_on_a_better_version_skips_the_champion_and_heeds_the_floor():
+    from mnist_pipeline.cli import better_note
+
+    better = [(1, 0.9960), (3, 0.9950), (4, 0.9900)]
+    assert better_note(5, better, holder=1, floor=0.995) == (
+        "Note: version 3 has a higher test accuracy (99.5000%) than version 5. To promote "
+        "it: mnist-pipeline promote --version 3")
+    assert better_note(5, better, holder=None, floor=0.995).startswith("Note: version 1 ")
+    assert "It is below the floor 99.9500% too: promote refuses it without --force " \
+        "(mnist-pipeline promote --version 3 --force --reason ...)" in better_note(
+            5, better, holder=1, floor=0.9995)
+    assert better_note(5, [(1, 0.9960)], holder=1, floor=0.995) is None
+    assert better_note(5, [], holder=None, floor=0.995) is None
+
+
+def test_relative_default_paths_are_the_projects_from_a_subfolder(tmp_path, monkeypatch):
+    from mnist_pipeline.cli import _in_project
+
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "run.json").write_text("{}")
+    (tmp_path / "src").mkdir()
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path / "src")
+    assert _in_project(Path("models/run.json")) == tmp_path.resolve() / "models" / "run.json"
+    (tmp_path / "src" / "models").mkdir()
+    (tmp_path / "src" / "models" / "run.json").write_text("{}")  # here first
+    assert _in_project(Path("models/run.json")) == Path("models/run.json")

@@ -12,7 +12,9 @@
     mnist-pipeline server [start|status|stop] [--dir .tracking]  # the shared tracking server
     mnist-pipeline migrate --from sqlite:///mlruns/mlflow.db   # a local store into the server
 
-The store is $MLFLOW_TRACKING_URI, else ./mlruns (as the pipeline's train stage uses it).
+The store is $MLFLOW_TRACKING_URI, else the project's mlruns/ (as the train stage uses it);
+relative default paths (params.yaml, models/run.json, data/raw, .tracking) are the project's,
+from any folder inside it.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def _candidate(client: Any, args: argparse.Namespace, name: str) -> Any:
         return registry.get_version(client, name, args.version)
     run_id = args.run_id
     if run_id is None:
+        args.run_info = _in_project(args.run_info)
         if not args.run_info.is_file():
             raise PipelineError(f"{args.run_info} not found: run the pipeline first, or name "
                                 "a --version or --run-id")
@@ -72,25 +75,35 @@ def cmd_promote(args: argparse.Namespace) -> int:
     alias = args.alias or params.alias
     client = _client(args)
     version = _candidate(client, args, args.name)
-    better = registry.better_versions(client, args.name, version)
+    current = registry.champion(client, args.name, alias)
+    note = better_note(int(version.version), registry.better_versions(client, args.name, version),
+                       None if current is None else int(current.version), params.min_accuracy)
     try:
         entry = registry.promote(client, args.name, alias, version, params.min_accuracy,
                                  force=args.force, reason=args.reason or "",
                                  provenance=_provenance())
     finally:  # promoted or not, say that a more accurate version exists
-        if better:
-            number, accuracy = better[0]
-            how = (f"To promote it: mnist-pipeline promote --version {number}"
-                   if accuracy >= params.min_accuracy else
-                   f"It is below the floor {params.min_accuracy:.4%} too: promote refuses it "
-                   f"without --force (mnist-pipeline promote --version {number} --force "
-                   "--reason ...)")
-            print(f"Note: version {number} has a higher test accuracy ({accuracy:.4%}) than "
-                  f"version {version.version}. {how}", file=sys.stderr)
+        if note:
+            print(note, file=sys.stderr)
     before = f", replacing version {entry['previous']}" if entry["previous"] else ""
     print(f"{args.name}@{alias} is now version {entry['version']}{before}. Test accuracy "
           f"{entry['test_accuracy']:.4%}. Reason: {entry['reason']}.")
     return 0
+
+
+def better_note(candidate: int, better: list[tuple[int, float]], holder: int | None,
+                floor: float) -> str | None:
+    """The note on the most accurate of the `better` (version, accuracy) pairs, best first,
+    that the alias does not already point to (`holder`); None if there is none."""
+    others = [(number, accuracy) for number, accuracy in better if number != holder]
+    if not others:
+        return None
+    number, accuracy = others[0]
+    how = (f"To promote it: mnist-pipeline promote --version {number}" if accuracy >= floor
+           else f"It is below the floor {floor:.4%} too: promote refuses it without --force "
+                f"(mnist-pipeline promote --version {number} --force --reason ...)")
+    return (f"Note: version {number} has a higher test accuracy ({accuracy:.4%}) than "
+            f"version {candidate}. {how}")
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
@@ -178,7 +191,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
                                                                   args.experiments)
     target = args.ensemble_name or f"{args.name}-ensemble"
     result = build_ensemble(MlflowTracker(uri, target, artifacts), args.name, versions,
-                            target, args.raw, batch_size)
+                            target, _in_project(args.raw), batch_size)
     members = ", ".join(f"v{v} {_percent(a)}" for v, a in zip(versions,
                                                              result["member_accuracy"],
                                                              strict=True))
@@ -260,7 +273,8 @@ def _add_server(sub: Any) -> None:
     p = sub.add_parser("server", help=help_text, description=help_text)
     p.set_defaults(func=cmd_server)
     p.add_argument("action", nargs="?", choices=("start", "status", "stop"), default="start")
-    p.add_argument("--dir", type=Path, help="the server's folder (default: ./.tracking)")
+    p.add_argument("--dir", type=Path,
+                   help="the server's folder (default: the project's .tracking/)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (0.0.0.0: every interface, with --allowed-hosts)")
     p.add_argument("--port", type=int, default=5000)
@@ -347,6 +361,13 @@ def _run(args: argparse.Namespace) -> object:
     if getattr(args, "name", "") is None:
         args.name = _params(args, "train").registered_model
     return args.func(args)
+
+
+def _in_project(path: Path) -> Path:
+    """A relative default path: in the working folder if it is there, else in the project."""
+    if path.is_absolute() or path.exists():
+        return path
+    return repo_root(os.environ, Path.cwd()) / path
 
 
 def _params(args: argparse.Namespace, section: str) -> Any:
