@@ -140,8 +140,11 @@ def recipe_section(speed: dict[str, Any]) -> list[str]:
     recipe_file = speed["settings"].get("recipe_file")
     recipe = f"`{recipe_file}`" if recipe_file else "the reference recipe"
     target = speed["recipe"][0]["target_accuracy"]
+    s = speed["settings"]
+    images = (f"a fixed {s['steps'] * s['batch_size']:,} of the training images" if s["steps"]
+              else "all 60,000 training images")
     lines = ["### Time to " + pct(target, 1), "",
-             f"Each variant trains {recipe} on all 60,000 training images, once, after the "
+             f"Each variant trains {recipe} on {images}, once, after the "
              "timed rows. After each epoch (untimed) it scores the network that the train "
              "stage would register on the 10,000 test images (the weight average and the "
              "shifted copies, where the recipe has them). Time is training time only.", "",

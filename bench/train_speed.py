@@ -10,7 +10,7 @@ seconds per epoch, images per second, project/reference and the test accuracy ea
 Every timed run is a fresh child process, so that no run inherits another's allocator state,
 global flags or caches; each child first runs a few untimed warm-up steps (for `compile`, the
 compilation: reported as warm-up seconds). `--json` writes the same numbers. Needs only torch,
-torchvision and numpy (no mlflow, dvc or PyYAML).
+torchvision and numpy (no mlflow or dvc; PyYAML only for --recipe-file).
 
   python bench/train_speed.py --device cpu --epochs 1 --json bench/out/cpu.json
   python bench/train_speed.py --device cpu --steps 100 --repeats 3 --variant default \
@@ -128,6 +128,10 @@ def recipe_params(args: argparse.Namespace, variant: str) -> TrainParams:
 
         params = apply_recipe(params, load_recipe(args.recipe_file))
     params = dataclasses.replace(params, **parse_variant(variant))
+    if params.val_size or params.train_subset:
+        raise ParamsError(f"--recipe-file {args.recipe_file}: the recipe rows train on all the "
+                          "training images with no validation split (train.val_size and "
+                          "train.train_subset 0)")
     return dataclasses.replace(params, epochs=args.recipe_epochs or params.epochs)
 
 

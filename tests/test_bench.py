@@ -5,6 +5,7 @@ here looks at a timing.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import json
@@ -123,9 +124,13 @@ def test_recipe_scores_the_network_the_train_stage_registers(bench, monkeypatch)
         scored.append((model, args[-1]))
         return real_validate(model, *args)
 
-    real_validate = bench.validate
+    real_validate, real_build_state = bench.validate, bench.build_state
     monkeypatch.setattr(bench, "validate", validate)
+    built = []
+    monkeypatch.setattr(bench, "build_state",
+                        lambda *args, **kw: built.append(args) or real_build_state(*args, **kw))
     bench.run_recipe(params, (x, y, x[:100], y[:100]), 2, torch.device("cpu"))
+    assert built[0][2] == 4  # OneCycle's steps per epoch: 200 images in batches of 50
     assert len(scored) == 2
     for model, tta in scored:
         assert tta is True
@@ -350,3 +355,16 @@ def test_step_profile_groups_the_step_and_measures_the_peak(tmp_path):
     assert result["fma_peak_gflops"] > 0 and result["rounds"] == 2
     assert result["machine"]["threads"] == 1 and result["steps"] == 2
     assert "oneDNN convolutions:" in done.stdout
+
+
+def test_a_recipe_file_with_a_validation_split_is_refused(bench, tmp_path):
+    recipe = tmp_path / "held-out.yaml"
+    recipe.write_text("train:\n  val_size: 5000\n")
+    args = argparse.Namespace(recipe_file=recipe, recipe_epochs=0)
+    with pytest.raises(bench.ParamsError, match="no validation split"):
+        bench.recipe_params(args, "default")
+    recipe.write_text("train:\n  epochs: 3\n  train_subset: 600\n")
+    with pytest.raises(bench.ParamsError, match="train.train_subset 0"):
+        bench.recipe_params(args, "default")
+    args.recipe_file = ROOT / "recipes" / "best-single.yaml"
+    assert bench.recipe_params(args, "bf16").amp == "bf16"  # the variant on top of the recipe
