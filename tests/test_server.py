@@ -265,12 +265,12 @@ def test_a_refused_query_stops_the_start_up_wait_with_the_servers_answer():
     import http.server
     import threading
 
-    seen = []
+    seen, status = [], [503]
 
     class Refuse(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (http.server's name)
             seen.append((self.headers["Host"], self.headers["Authorization"]))
-            self.send_response(403)
+            self.send_response(status[0])
             self.end_headers()
             self.wfile.write(b"Invalid Host header")
 
@@ -282,6 +282,9 @@ def test_a_refused_query_stops_the_start_up_wait_with_the_servers_answer():
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
         creds = server.Credentials("db", "pw", "secret")
+        # a server error is a worker not ready yet: no answer, to wait for
+        assert server.slowest_query(f"http://127.0.0.1:{port}", creds, 2) == float("inf")
+        status[0] = 403
         with pytest.raises(server.ServerError, match=r"refused a logged-in query \(HTTP 403: "
                                                      r"Invalid Host header\)"):
             server.slowest_query(f"http://127.0.0.1:{port}", creds, 2, timeout=10)

@@ -230,7 +230,7 @@ def wait_healthy(url: str, pid: int, log: Path, timeout: float = 180.0) -> None:
 def slowest_query(url: str, creds: Credentials, count: int, timeout: float = 60.0) -> float:
     """Seconds that the slowest of `count` simultaneous logged-in queries (as the admin, by
     the name 127.0.0.1, which every server accepts) took to answer; infinity if one got no
-    answer. A refusal (an HTTP error) raises ServerError at once."""
+    answer (or a server error). A refusal (HTTP 4xx) raises ServerError at once."""
     login = base64.b64encode(f"{creds.admin_username}:{creds.admin_password}".encode())
     headers = {"Authorization": f"Basic {login.decode()}",
                "Host": f"127.0.0.1:{urllib.parse.urlsplit(url).port}"}
@@ -243,6 +243,8 @@ def slowest_query(url: str, creds: Credentials, count: int, timeout: float = 60.
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 response.read()
         except urllib.error.HTTPError as exc:
+            if exc.code >= 500:  # a worker still setting up: no answer yet
+                return float("inf")
             answer = " ".join(exc.read().decode(errors="replace").split())[:200]
             raise ServerError(f"the MLflow server on {url} refused a logged-in query "
                               f"(HTTP {exc.code}: {answer})") from None
