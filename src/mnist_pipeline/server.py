@@ -29,6 +29,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,17 +215,24 @@ def healthy(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def wait_healthy(url: str, pid: int, log: Path, timeout: float = 180.0) -> None:
-    """Poll `url`/health until it answers; fail with the log's end if `pid` exits first."""
+def wait_for(ready: Callable[[float], bool], pid: int, log: Path, timeout: float,
+             failure: str) -> None:
+    """Call `ready` (given the seconds left) until it is true; fail with the log's end if
+    `pid` exits first, or with `failure` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if healthy(url):
+    while (left := deadline - time.monotonic()) > 0:
+        if ready(left):
             return
         if not pid_alive(pid):
             raise ServerError(f"the MLflow server exited during start-up; {log_tail(log)}")
         time.sleep(0.3)
-    raise ServerError(f"the MLflow server did not answer on {url}/health within "
-                      f"{timeout:.0f} s; {log_tail(log)}")
+    raise ServerError(f"{failure}; {log_tail(log)}")
+
+
+def wait_healthy(url: str, pid: int, log: Path, timeout: float = 180.0) -> None:
+    """Poll `url`/health until it answers; fail with the log's end if `pid` exits first."""
+    wait_for(lambda left: healthy(url), pid, log, timeout,
+             f"the MLflow server did not answer on {url}/health within {timeout:.0f} s")
 
 
 def slowest_query(url: str, creds: Credentials, count: int, timeout: float = 60.0) -> float:
@@ -261,15 +269,9 @@ def warm_up(url: str, creds: Credentials, workers: int, pid: int, log: Path,
     """Query the server, twice as many queries at once as it has workers, until all of them
     answer within `quick` seconds. Each worker sets up its stores on its first request,
     which takes seconds: a client's first query should not wait for that (or time out)."""
-    deadline = time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        if slowest_query(url, creds, 2 * workers, min(60.0, left)) < quick:
-            return
-        if not pid_alive(pid):
-            raise ServerError(f"the MLflow server exited during start-up; {log_tail(log)}")
-        time.sleep(0.3)
-    raise ServerError(f"the MLflow server on {url} did not answer logged-in queries within "
-                      f"{quick:.0f} s after {timeout:.0f} s of start-up; {log_tail(log)}")
+    wait_for(lambda left: slowest_query(url, creds, 2 * workers, min(60.0, left)) < quick,
+             pid, log, timeout, f"the MLflow server on {url} did not answer logged-in queries "
+             f"within {quick:.0f} s after {timeout:.0f} s of start-up")
 
 
 # --- PostgreSQL --------------------------------------------------------------------------
