@@ -140,7 +140,7 @@ def _percent(accuracy: float | None) -> str:
 def cmd_models(args: argparse.Namespace) -> int:
     from .recipes import load_recipes, match_recipe
 
-    recipes = load_recipes(args.recipes or repo_root(os.environ, Path.cwd()) / "recipes")
+    recipes = load_recipes(args.recipes or _in_project(Path("recipes")))
     rows = registry.list_versions(_client(args), args.name,
                                   lambda params: match_recipe(params, recipes))
     if args.json:
@@ -375,5 +375,5 @@ def _params(args: argparse.Namespace, section: str) -> Any:
     the project), or outside a project the built-in defaults."""
     if args.params is not None:
         return load_params(args.params, section)
-    found = repo_root(os.environ, Path.cwd()) / "params.yaml"
+    found = _in_project(Path("params.yaml"))
     return load_params(found, section) if found.is_file() else SECTIONS[section]()
