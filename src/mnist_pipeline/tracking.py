@@ -181,8 +181,8 @@ class MlflowTracker(NullTracker):
                     "it, point MLFLOW_TRACKING_URI at a running one, or unset it to use ./mlruns."
                 ) from None
             check_login(self.uri)  # with its own, longer wait: a query can take seconds
-        elif self._sqlite_path() is not None:
-            folder = self._sqlite_path().parent
+        elif (database := sqlite_file(self.uri)) is not None:
+            folder = database.parent
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
@@ -201,7 +201,7 @@ class MlflowTracker(NullTracker):
     def _store_lock(self) -> Iterator[None]:
         """Serialise first use of a local SQLite store: two runs starting at once (e.g.
         `dvc exp run --run-all -j 2`) would otherwise race to create its tables."""
-        path = self._sqlite_path()
+        path = sqlite_file(self.uri)
         if path is None:
             yield
             return
@@ -209,10 +209,6 @@ class MlflowTracker(NullTracker):
 
         with FileLock(str(path.with_suffix(".lock"))):
             yield
-
-    def _sqlite_path(self) -> Path | None:
-        """The database file of a local SQLite store, or None for any other store."""
-        return sqlite_file(self.uri)
 
     def _get_or_create_experiment(self) -> str:
         import mlflow
