@@ -65,3 +65,38 @@ def test_run_status_on_errors(tmp_path, interrupt, status):
     with pytest.raises(interrupt), tracker.run():
         raise interrupt()
     assert MlflowClient(uri).get_run(tracker.run_id).info.status == status
+
+
+def test_a_checked_server_is_not_checked_again_when_the_run_starts(monkeypatch):
+    """The train stage checks the server before any work; starting the run must not repeat
+    the check (with its login query's long wait) against the same server."""
+    import http.server
+    import threading
+
+    from mnist_pipeline.tracking import MlflowTracker, TrackingError
+
+    health = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the http.server interface)
+            health.extend([self.path] if self.path == "/health" else [])
+            code = 200 if self.path == "/health" or "experiments/search" in self.path else 503
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"experiments": []}' if code == 200 else b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    try:
+        tracker = MlflowTracker(f"http://127.0.0.1:{server.server_port}", "exp")
+        tracker.check()
+        with pytest.raises(TrackingError, match="cannot use the MLflow tracking store"):
+            tracker._experiment_id()  # the server fails the experiment lookup
+    finally:
+        server.shutdown()
+    assert health == ["/health"]

@@ -167,6 +167,7 @@ class MlflowTracker(NullTracker):
         self.run_id = None
         self.pending: list[Any] = []  # metrics not yet accepted by the store
         self.warned = False
+        self.checked = False  # check() passed: the first run need not wait for it again
 
     def check(self, timeout: float = 5.0) -> None:
         """Fail fast, naming the URI, when the store cannot be reached (before any work)."""
@@ -188,11 +189,13 @@ class MlflowTracker(NullTracker):
             except OSError as exc:
                 raise TrackingError(f"cannot create the MLflow store folder {folder}: "
                                     f"{exc.strerror}") from None
+        self.checked = True
 
     def _experiment_id(self) -> str:
         import mlflow
 
-        self.check()
+        if not self.checked:
+            self.check()
         mlflow.set_tracking_uri(self.uri)
         with self._store_lock():
             return self._get_or_create_experiment()
