@@ -3,6 +3,7 @@ neither torch nor the model code, so that each answers in a few seconds."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -87,3 +88,35 @@ def test_relative_default_paths_are_the_projects_from_a_subfolder(tmp_path, monk
     (tmp_path / "src" / "models").mkdir()
     (tmp_path / "src" / "models" / "run.json").write_text("{}")  # here first
     assert _in_project(Path("models/run.json")) == Path("models/run.json")
+
+
+def test_models_names_recipes_from_the_projects_recipes_folder_in_a_subfolder(tmp_path):
+    """`models` labels each version with the recipe of its run's params, read from the
+    project's recipes/ wherever in the project it runs."""
+    import shutil
+
+    import yaml
+    from mlflow import MlflowClient
+
+    from .conftest import ROOT
+
+    (tmp_path / ".dvc").mkdir()
+    shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
+    (tmp_path / "mlruns").mkdir()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    experiment = client.create_experiment("mnist", artifact_location=(tmp_path / "a").as_uri())
+    client.create_registered_model("mnist-cnn")
+    reference = yaml.safe_load((ROOT / "recipes" / "reference.yaml").read_text())["train"]
+    for params in ({k: str(v) for k, v in reference.items()}, {"epochs": "3"}):
+        run = client.create_run(experiment)
+        for key, value in params.items():
+            client.log_param(run.info.run_id, key, value)
+        client.create_model_version("mnist-cnn", f"runs:/{run.info.run_id}/model",
+                                    run.info.run_id)
+    (tmp_path / "src").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    done = subprocess.run([CLI, "models", "--json"], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path / "src", env=env)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(r["version"], r["recipe"]) for r in rows] == [(2, "custom"), (1, "reference")]
