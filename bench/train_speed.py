@@ -592,6 +592,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--loaded needs --load N")
     if args.loaded and "reference" not in args.loaded:
         p.error("--loaded: include reference, the loaded rows' yardstick")
+    if args.convolutions and not args.device.startswith("cpu"):
+        p.error("--convolutions times oneDNN's CPU convolutions: only with --device cpu")
     return args
 
 

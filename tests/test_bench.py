@@ -266,8 +266,9 @@ def test_busy_process_runs_until_stopped(bench):
     (["--load", "1", "--loaded", "default"], "include reference"),
     (["--load", "-1"], "--load and --recipe-epochs >= 0"),
     (["--repeats", "0"], "--epochs and --repeats must be >= 1"),
+    (["--device", "cuda", "--convolutions"], "only with --device cpu"),
 ])
-def test_bench_rejects_inconsistent_load_options(bench, args, message, capsys):
+def test_bench_rejects_inconsistent_options(bench, args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.parse_args(args)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
