@@ -219,11 +219,11 @@ def promotions(pipeline, run_info, client):
 def postgres_or_skip() -> None:
     """Skip, saying why, where the PostgreSQL server programs cannot be had (`.ci/run`
     installs them on Debian)."""
-    from mnist_pipeline import server
+    from mnist_pipeline import postgres
 
     try:
-        server.postgres_bin("initdb")
-    except server.ServerError as exc:
+        postgres.postgres_bin("initdb")
+    except postgres.PostgresError as exc:
         pytest.skip(str(exc))
     if os.geteuid() == 0 and (shutil.which("runuser") is None or _no_user("postgres")):
         pytest.skip("running as root, PostgreSQL needs runuser and the user `postgres`")
@@ -269,14 +269,14 @@ class TrackingServer:
                          MLFLOW_TRACKING_PASSWORD=self.password, **extra)
 
     def stop_postgres(self) -> None:
-        from mnist_pipeline import server
+        from mnist_pipeline import postgres
 
-        server.stop_postgres(self.paths)
+        postgres.stop(self.paths.cluster)
 
     def start_postgres(self) -> None:
-        from mnist_pipeline import server
+        from mnist_pipeline import postgres
 
-        server.start_postgres(self.paths)
+        postgres.start(self.paths.cluster)
 
 
 @pytest.fixture(scope="session")

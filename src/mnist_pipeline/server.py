@@ -7,9 +7,8 @@ proxied artifacts, everything it keeps in one folder (default `.tracking/`).
 The folder holds `postgres/` (the cluster), `artifacts/` (what clients upload through the
 server), `credentials.json`, `auth.ini` and `client.env` (secrets, mode 0600), `server.json`
 (the ports), `mlflow.pid` and the two logs. PostgreSQL listens on 127.0.0.1 only, without a
-unix socket, and asks for a password. It refuses to run as root, so as root its programs run
-as the user `postgres`, which must be able to reach the folder. MLflow is started through this
-module's own interpreter; this module does not import mlflow.
+unix socket, and asks for a password (see `mnist_pipeline.postgres`). MLflow is started through
+this module's own interpreter; this module does not import mlflow.
 """
 
 from __future__ import annotations
@@ -17,12 +16,9 @@ from __future__ import annotations
 import base64
 import json
 import os
-import pwd
 import secrets
 import shlex
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,15 +30,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import postgres
 from .errors import PipelineError
+from .processes import free_port, log_tail, pid_alive, port_free, read_pid, write_private
 
 DEFAULT_DIR = ".tracking"
 DEFAULT_POSTGRES_PORT = 5433
 ADMIN_USERNAME = "admin"
-DB_USER = "mlflow"
 TRACKING_DB = "mlflow"
 AUTH_DB = "mlflow_auth"
-POSTGRES_OS_USER = "postgres"
 LOCAL_HOSTS = ("localhost", "127.0.0.1")
 
 
@@ -92,6 +88,10 @@ class ServerPaths:
     def postgres_log(self) -> Path:
         return self.root / "postgres.log"
 
+    @property
+    def cluster(self) -> postgres.Cluster:
+        return postgres.Cluster(self.pgdata, self.postgres_log)
+
 
 @dataclass(frozen=True)
 class Credentials:
@@ -118,17 +118,7 @@ class Server:
                 "MLFLOW_TRACKING_PASSWORD": self.password}
 
 
-# --- files -----------------------------------------------------------------------------------
-
-
-def write_private(path: Path, text: str) -> None:
-    """Write `text` to `path`, readable by its owner only from the first byte on."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o600)  # in case it existed with a wider mode
-    os.replace(tmp, path)
+# --- the folder's files ------------------------------------------------------------------
 
 
 def load_credentials(paths: ServerPaths) -> Credentials:
@@ -150,61 +140,7 @@ def write_state(paths: ServerPaths, **values: object) -> None:
     paths.state.write_text(json.dumps({**read_state(paths), **values}, indent=2) + "\n")
 
 
-def log_tail(path: Path, lines: int = 15) -> str:
-    if not path.is_file():
-        return f"({path} is empty)"
-    text = path.read_text(errors="replace").splitlines()[-lines:]
-    return f"last lines of {path}:\n" + "\n".join(f"  {line}" for line in text)
-
-
-# --- processes ---------------------------------------------------------------------------
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` exists and is not a zombie."""
-    if Path("/proc/self/stat").exists():
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-        except (OSError, IndexError):
-            return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def read_pid(path: Path, expect: str) -> int | None:
-    """The PID in `path` if that process is alive and its command line names `expect`; a
-    stale file (dead or reused PID) is removed."""
-    try:
-        pid = int(path.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    ours = expect.encode() in cmdline.read_bytes() if cmdline.exists() else True
-    if pid_alive(pid) and ours:
-        return pid
-    path.unlink(missing_ok=True)
-    return None
-
-
-def port_free(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+# --- waiting for the MLflow server -------------------------------------------------------
 
 
 def healthy(url: str, timeout: float = 2.0) -> bool:
@@ -274,124 +210,6 @@ def warm_up(url: str, creds: Credentials, workers: int, pid: int, log: Path,
              f"within {quick:.0f} s after {timeout:.0f} s of start-up")
 
 
-# --- PostgreSQL --------------------------------------------------------------------------
-
-
-def postgres_bin(name: str) -> Path:
-    """A PostgreSQL server program: on PATH, else in Debian's /usr/lib/postgresql/*/bin."""
-    found = shutil.which(name)
-    if found:
-        return Path(found)
-    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"),
-                        key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
-    if candidates:
-        return candidates[-1]
-    raise ServerError(f"PostgreSQL's `{name}` was not found: install the PostgreSQL server "
-                      "(Debian/Ubuntu: apt-get install postgresql; macOS: brew install "
-                      "postgresql)")
-
-
-def as_postgres_owner(cmd: list[str]) -> list[str]:
-    """`cmd`, run as the user `postgres` when this process is root (PostgreSQL refuses root)."""
-    return ["runuser", "-u", POSTGRES_OS_USER, "--", *cmd] if os.geteuid() == 0 else cmd
-
-
-def hand_to_postgres_user(*paths: Path) -> None:
-    """As root: give `paths` to the user `postgres` and check it can reach them."""
-    if os.geteuid() != 0:
-        return
-    try:
-        owner = pwd.getpwnam(POSTGRES_OS_USER)
-    except KeyError:
-        raise ServerError("running as root, PostgreSQL needs the system user `postgres` "
-                          "(created by the postgresql package)") from None
-    for path in paths:
-        os.chown(path, owner.pw_uid, owner.pw_gid)
-    for path in paths:
-        if subprocess.run(as_postgres_owner(["test", "-w", str(path)])).returncode != 0:
-            closed = next((p for p in reversed(path.parents) if not os.stat(p).st_mode & 0o001),
-                          path.parent)
-            raise ServerError(f"the user `postgres` cannot reach {path}: {closed} is closed "
-                              f"to other users. Run `chmod o+x {closed}` or choose a --dir "
-                              "under a folder open to others (e.g. /srv or /tmp)")
-
-
-def run_postgres_tool(cmd: list[str], paths: ServerPaths, what: str) -> None:
-    done = subprocess.run(as_postgres_owner(cmd), capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL)
-    if done.returncode != 0:
-        detail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        raise ServerError(f"{what} failed: {' '.join(detail)}; {log_tail(paths.postgres_log)}")
-
-
-def init_postgres(paths: ServerPaths, creds: Credentials, port: int) -> None:
-    """A new cluster in `paths.pgdata`: password (scram) logins only, TCP on 127.0.0.1:`port`."""
-    paths.pgdata.mkdir(mode=0o700)
-    paths.postgres_log.touch(mode=0o600)
-    pwfile = paths.root / ".pwfile"
-    write_private(pwfile, creds.db_password + "\n")
-    try:
-        hand_to_postgres_user(paths.pgdata, paths.postgres_log, pwfile)
-        run_postgres_tool([str(postgres_bin("initdb")), "-D", str(paths.pgdata), "-U", DB_USER,
-                           f"--pwfile={pwfile}", "--auth=scram-sha-256", "-E", "UTF8",
-                           "--locale=C"], paths, "initdb")
-    except BaseException:
-        shutil.rmtree(paths.pgdata, ignore_errors=True)  # so that the next start begins anew
-        raise
-    finally:
-        pwfile.unlink(missing_ok=True)
-    with open(paths.pgdata / "postgresql.conf", "a") as conf:
-        conf.write(f"\n# mnist-pipeline server\nlisten_addresses = '127.0.0.1'\nport = {port}\n"
-                   "unix_socket_directories = ''\n")
-
-
-def postgres_pid(paths: ServerPaths) -> int | None:
-    return read_pid(paths.pgdata / "postmaster.pid", "postgres")
-
-
-def start_postgres(paths: ServerPaths) -> None:
-    if postgres_pid(paths) is not None:
-        return
-    run_postgres_tool([str(postgres_bin("pg_ctl")), "-D", str(paths.pgdata), "-l",
-                       str(paths.postgres_log), "-w", "-t", "60", "start"], paths,
-                      "starting PostgreSQL")
-
-
-def stop_postgres(paths: ServerPaths) -> bool:
-    """Stop the cluster (fast shutdown); False if it was not running."""
-    if postgres_pid(paths) is None:
-        return False
-    run_postgres_tool([str(postgres_bin("pg_ctl")), "-D", str(paths.pgdata), "-m", "fast",
-                       "-w", "-t", "60", "stop"], paths, "stopping PostgreSQL")
-    return True
-
-
-def database_uri(creds: Credentials, port: int, database: str) -> str:
-    # an explicit driver: SQLAlchemy 2 maps plain postgresql:// to psycopg 3
-    return f"postgresql+psycopg2://{DB_USER}:{creds.db_password}@127.0.0.1:{port}/{database}"
-
-
-def create_databases(creds: Credentials, port: int) -> None:
-    import psycopg2
-
-    try:
-        conn = psycopg2.connect(host="127.0.0.1", port=port, user=DB_USER,
-                                password=creds.db_password, dbname="postgres")
-    except psycopg2.OperationalError as exc:
-        raise ServerError(f"cannot log in to PostgreSQL on 127.0.0.1:{port}: "
-                          f"{str(exc).strip().splitlines()[0]}") from None
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute("SELECT datname FROM pg_database")
-            existing = {row[0] for row in cur.fetchall()}
-            for name in (TRACKING_DB, AUTH_DB):
-                if name not in existing:
-                    cur.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        conn.close()
-
-
 # --- MLflow ------------------------------------------------------------------------------
 
 
@@ -399,7 +217,7 @@ def write_client_files(paths: ServerPaths, creds: Credentials, uri: str, pg_port
     """auth.ini (the auth app's config, its users in PostgreSQL) and client.env (0600)."""
     write_private(paths.auth_ini, (
         "[mlflow]\ndefault_permission = READ\n"
-        f"database_uri = {database_uri(creds, pg_port, AUTH_DB)}\n"
+        f"database_uri = {postgres.database_uri(creds.db_password, pg_port, AUTH_DB)}\n"
         f"admin_username = {creds.admin_username}\nadmin_password = {creds.admin_password}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"))
     write_private(paths.client_env, (
@@ -427,7 +245,8 @@ def mlflow_command(paths: ServerPaths, host: str, port: int, allowed_hosts: list
 def mlflow_env(paths: ServerPaths, creds: Credentials, pg_port: int) -> dict[str, str]:
     """The server's environment: the store URI stays off the command line (ps shows it)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(MLFLOW_BACKEND_STORE_URI=database_uri(creds, pg_port, TRACKING_DB),
+    store = postgres.database_uri(creds.db_password, pg_port, TRACKING_DB)
+    env.update(MLFLOW_BACKEND_STORE_URI=store,
                MLFLOW_AUTH_CONFIG_PATH=str(paths.auth_ini),
                MLFLOW_FLASK_SERVER_SECRET_KEY=creds.flask_secret)
     return env
@@ -536,29 +355,29 @@ def start(root: Path, host: str = "127.0.0.1", port: int = 5000,
     if os.geteuid() == 0:
         paths.root.chmod(0o711)  # the user postgres walks through to postgres/
     creds = load_credentials(paths)
-    if not (paths.pgdata / "PG_VERSION").is_file():
+    if not postgres.initialised(paths.cluster):
         if paths.pgdata.exists():
             raise ServerError(f"{paths.pgdata} exists but holds no PostgreSQL cluster: move "
                               "it away or choose another --dir")
         pg_port = postgres_port or (DEFAULT_POSTGRES_PORT if port_free(
             "127.0.0.1", DEFAULT_POSTGRES_PORT) else free_port())
-        init_postgres(paths, creds, pg_port)
+        postgres.init(paths.cluster, creds.db_password, pg_port)
         write_state(paths, postgres_port=pg_port)
     pg_port = read_state(paths).get("postgres_port")
     if pg_port is None:
         raise ServerError(f"{paths.state} is missing its postgres_port: write the port set in "
                           f"{paths.pgdata / 'postgresql.conf'} there as \"postgres_port\"")
-    postgres_was_up = postgres_pid(paths) is not None
-    start_postgres(paths)
+    postgres_was_up = postgres.server_pid(paths.cluster) is not None
+    postgres.start(paths.cluster)
     try:
-        create_databases(creds, pg_port)
+        postgres.create_databases(creds.db_password, pg_port, (TRACKING_DB, AUTH_DB))
         paths.artifacts.mkdir(mode=0o700, exist_ok=True)  # served to logged-in clients only
         write_client_files(paths, creds, local_url(host, port), pg_port)
         write_state(paths, host=host, port=port, allowed_hosts=allowed_hosts or [])
         pid = start_mlflow(paths, creds, pg_port, host, port, allowed_hosts or [], workers)
     except BaseException:  # a failed (or interrupted) start leaves nothing running
         if not postgres_was_up:
-            stop_postgres(paths)
+            postgres.stop(paths.cluster)
         raise
     return describe(paths, creds, pid), False
 
@@ -567,7 +386,7 @@ def stop(root: Path) -> list[str]:
     """Stop MLflow, then PostgreSQL; the names of what was running."""
     paths = ServerPaths(Path(root).resolve())
     stopped = ["MLflow"] if stop_mlflow(paths) else []
-    if (paths.pgdata / "PG_VERSION").is_file() and stop_postgres(paths):
+    if postgres.initialised(paths.cluster) and postgres.stop(paths.cluster):
         stopped.append("PostgreSQL")
     return stopped
 
@@ -578,8 +397,8 @@ def status(root: Path) -> dict[str, object]:
     state = read_state(paths)
     mlflow_pid = read_pid(paths.mlflow_pid, "mlflow")
     url = local_url(state["host"], state["port"]) if "port" in state else None
-    return {"mlflow_pid": mlflow_pid, "postgres_pid": postgres_pid(paths), "url": url,
-            "postgres_port": state.get("postgres_port"),
+    return {"mlflow_pid": mlflow_pid, "postgres_pid": postgres.server_pid(paths.cluster),
+            "url": url, "postgres_port": state.get("postgres_port"),
             "healthy": bool(mlflow_pid and url and healthy(url))}
 
 
