@@ -222,7 +222,7 @@ def postgres_or_skip() -> None:
     from mnist_pipeline import postgres
 
     try:
-        postgres.postgres_bin("initdb")
+        postgres.find_program("initdb")
     except postgres.PostgresError as exc:
         pytest.skip(str(exc))
     if os.geteuid() == 0 and (shutil.which("runuser") is None or _no_user("postgres")):

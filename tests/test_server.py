@@ -19,6 +19,7 @@ import pytest
 import requests
 
 from mnist_pipeline import server
+from mnist_pipeline.processes import pid_alive
 from mnist_pipeline.tracking import check_login
 
 from .conftest import CLI, clean_env, free_port, postgres_or_skip, reachable_tmp_dir, run
@@ -84,7 +85,7 @@ def test_command_starts_finds_and_stops_the_server(monkeypatch):
 
         stopped = run([CLI, *stop_command[1:]], base, env, timeout=120)
         assert "stopped MLflow and PostgreSQL" in stopped.stdout
-        assert not server.pid_alive(mlflow_pid) and not server.pid_alive(postgres_pid)
+        assert not pid_alive(mlflow_pid) and not pid_alive(postgres_pid)
         down = run([CLI, "server", "status", "--dir", str(folder)], base, env, check=False)
         assert down.returncode == 3 and down.stdout.count("stopped") == 2
 

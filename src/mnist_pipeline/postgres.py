@@ -34,7 +34,7 @@ class Cluster:
     log: Path
 
 
-def postgres_bin(name: str) -> Path:
+def find_program(name: str) -> Path:
     """A PostgreSQL server program: on PATH, else in Debian's /usr/lib/postgresql/*/bin."""
     found = shutil.which(name)
     if found:
@@ -83,14 +83,15 @@ def run_tool(cmd: list[str], cluster: Cluster, what: str) -> None:
 
 def init(cluster: Cluster, password: str, port: int) -> None:
     """A new cluster in `cluster.data` (which must not exist), its superuser DB_USER with
-    `password`, listening on 127.0.0.1:`port`."""
+    `password`, listening on 127.0.0.1:`port`. The password passes to initdb in a file (0600,
+    removed after) beside `cluster.data`, whose parent folder should be private."""
     cluster.data.mkdir(mode=0o700)
     cluster.log.touch(mode=0o600)
     pwfile = cluster.data.parent / ".pwfile"
     write_private(pwfile, password + "\n")
     try:
         hand_to_owner(cluster.data, cluster.log, pwfile)
-        run_tool([str(postgres_bin("initdb")), "-D", str(cluster.data), "-U", DB_USER,
+        run_tool([str(find_program("initdb")), "-D", str(cluster.data), "-U", DB_USER,
                   f"--pwfile={pwfile}", "--auth=scram-sha-256", "-E", "UTF8", "--locale=C"],
                  cluster, "initdb")
     except BaseException:
@@ -107,23 +108,23 @@ def initialised(cluster: Cluster) -> bool:
     return (cluster.data / "PG_VERSION").is_file()
 
 
-def server_pid(cluster: Cluster) -> int | None:
+def running_pid(cluster: Cluster) -> int | None:
     """The PID of the cluster's running server, if one runs."""
     return read_pid(cluster.data / "postmaster.pid", "postgres")
 
 
 def start(cluster: Cluster) -> None:
-    if server_pid(cluster) is not None:
+    if running_pid(cluster) is not None:
         return
-    run_tool([str(postgres_bin("pg_ctl")), "-D", str(cluster.data), "-l", str(cluster.log),
+    run_tool([str(find_program("pg_ctl")), "-D", str(cluster.data), "-l", str(cluster.log),
               "-w", "-t", "60", "start"], cluster, "starting PostgreSQL")
 
 
 def stop(cluster: Cluster) -> bool:
     """Stop the cluster's server (fast shutdown); False if it was not running."""
-    if server_pid(cluster) is None:
+    if running_pid(cluster) is None:
         return False
-    run_tool([str(postgres_bin("pg_ctl")), "-D", str(cluster.data), "-m", "fast", "-w", "-t",
+    run_tool([str(find_program("pg_ctl")), "-D", str(cluster.data), "-m", "fast", "-w", "-t",
               "60", "stop"], cluster, "stopping PostgreSQL")
     return True
 

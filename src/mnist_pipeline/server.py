@@ -43,7 +43,8 @@ LOCAL_HOSTS = ("localhost", "127.0.0.1")
 
 
 class ServerError(PipelineError):
-    """The tracking server cannot be started, reached or stopped."""
+    """The MLflow server cannot be started, reached or stopped. (PostgreSQL's own failures,
+    on the way, are `postgres.PostgresError`; both are PipelineErrors.)"""
 
 
 @dataclass(frozen=True)
@@ -367,7 +368,7 @@ def start(root: Path, host: str = "127.0.0.1", port: int = 5000,
     if pg_port is None:
         raise ServerError(f"{paths.state} is missing its postgres_port: write the port set in "
                           f"{paths.pgdata / 'postgresql.conf'} there as \"postgres_port\"")
-    postgres_was_up = postgres.server_pid(paths.cluster) is not None
+    postgres_was_up = postgres.running_pid(paths.cluster) is not None
     postgres.start(paths.cluster)
     try:
         postgres.create_databases(creds.db_password, pg_port, (TRACKING_DB, AUTH_DB))
@@ -397,7 +398,7 @@ def status(root: Path) -> dict[str, object]:
     state = read_state(paths)
     mlflow_pid = read_pid(paths.mlflow_pid, "mlflow")
     url = local_url(state["host"], state["port"]) if "port" in state else None
-    return {"mlflow_pid": mlflow_pid, "postgres_pid": postgres.server_pid(paths.cluster),
+    return {"mlflow_pid": mlflow_pid, "postgres_pid": postgres.running_pid(paths.cluster),
             "url": url, "postgres_port": state.get("postgres_port"),
             "healthy": bool(mlflow_pid and url and healthy(url))}
 
@@ -405,13 +406,13 @@ def status(root: Path) -> dict[str, object]:
 def status_report(root: Path) -> tuple[list[str], bool]:
     """Two lines on what runs for `root`, and whether both run and MLflow answers."""
     state = status(root)
-    mlflow = f"running, pid {state['mlflow_pid']}" if state["mlflow_pid"] else "stopped"
+    mlflow_line = f"running, pid {state['mlflow_pid']}" if state["mlflow_pid"] else "stopped"
     if state["healthy"]:
-        mlflow += f", answers on {state['url']}"
-    postgres = f"running, pid {state['postgres_pid']}" if state["postgres_pid"] else "stopped"
+        mlflow_line += f", answers on {state['url']}"
+    pg_line = f"running, pid {state['postgres_pid']}" if state["postgres_pid"] else "stopped"
     if state["postgres_port"]:
-        postgres += f", 127.0.0.1:{state['postgres_port']}"
-    return [f"MLflow:     {mlflow}", f"PostgreSQL: {postgres}"], bool(
+        pg_line += f", 127.0.0.1:{state['postgres_port']}"
+    return [f"MLflow:     {mlflow_line}", f"PostgreSQL: {pg_line}"], bool(
         state["healthy"] and state["postgres_pid"])
 
 
