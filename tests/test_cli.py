@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import CLI
+import yaml
+
+from .conftest import CLI, ROOT
 
 
 def test_registry_commands_start_without_torch():
@@ -92,22 +94,21 @@ def test_relative_default_paths_are_the_projects_from_a_subfolder(tmp_path, monk
 
 def test_models_names_recipes_from_the_projects_recipes_folder_in_a_subfolder(tmp_path):
     """`models` labels each version with the recipe of its run's params, read from the
-    project's recipes/ wherever in the project it runs."""
-    import shutil
-
-    import yaml
+    project's recipes/ (not this checkout's, nor the working folder's) wherever in the
+    project it runs."""
     from mlflow import MlflowClient
 
-    from .conftest import ROOT
-
     (tmp_path / ".dvc").mkdir()
-    shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
+    (tmp_path / "recipes").mkdir()
+    reference = (ROOT / "recipes" / "reference.yaml").read_text()
+    (tmp_path / "recipes" / "faithful.yaml").write_text(reference)  # a name only here
+    (tmp_path / "recipes" / "three.yaml").write_text("train:\n  epochs: 3\n")
     (tmp_path / "mlruns").mkdir()
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     experiment = client.create_experiment("mnist", artifact_location=(tmp_path / "a").as_uri())
     client.create_registered_model("mnist-cnn")
-    reference = yaml.safe_load((ROOT / "recipes" / "reference.yaml").read_text())["train"]
-    for params in ({k: str(v) for k, v in reference.items()}, {"epochs": "3"}):
+    faithful = yaml.safe_load(reference)["train"]
+    for params in ({k: str(v) for k, v in faithful.items()}, {"epochs": "3"}, {"epochs": "4"}):
         run = client.create_run(experiment)
         for key, value in params.items():
             client.log_param(run.info.run_id, key, value)
@@ -119,4 +120,5 @@ def test_models_names_recipes_from_the_projects_recipes_folder_in_a_subfolder(tm
                           timeout=120, cwd=tmp_path / "src", env=env)
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in done.stdout.splitlines()]
-    assert [(r["version"], r["recipe"]) for r in rows] == [(2, "custom"), (1, "reference")]
+    assert [(r["version"], r["recipe"]) for r in rows] == [(3, "custom"), (2, "three"),
+                                                           (1, "faithful")]

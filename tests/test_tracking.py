@@ -95,8 +95,9 @@ def test_a_checked_server_is_not_checked_again_when_the_run_starts(monkeypatch):
     try:
         tracker = MlflowTracker(f"http://127.0.0.1:{server.server_port}", "exp")
         tracker.check()
-        with pytest.raises(TrackingError, match="cannot use the MLflow tracking store"):
-            tracker._experiment_id()  # the server fails the experiment lookup
+        with pytest.raises(TrackingError, match="cannot use the MLflow tracking store"), \
+                tracker.run():  # the server fails the experiment lookup
+            pass
     finally:
         server.shutdown()
     assert health == ["/health"]

@@ -167,7 +167,7 @@ class MlflowTracker(NullTracker):
         self.run_id = None
         self.pending: list[Any] = []  # metrics not yet accepted by the store
         self.warned = False
-        self.checked = False  # check() passed: the first run need not wait for it again
+        self.checked = False  # check() passed: runs do not check the store again
 
     def check(self, timeout: float = 5.0) -> None:
         """Fail fast, naming the URI, when the store cannot be reached (before any work)."""
