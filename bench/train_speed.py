@@ -549,9 +549,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="a row to time under --load too: reference or a --variant "
                         "(repeatable; default: every row but --convolutions)")
     p.add_argument("--convolutions", action="store_true",
-                   help="also time the default's oneDNN convolutions alone (forward, input "
-                        "and weight gradients; never under --load): the speed that no fp32 "
-                        "change elsewhere in the step can pass")
+                   help="also time the default's oneDNN convolutions alone (CPU only; "
+                        "forward, input and weight gradients; never under --load): the speed "
+                        "that no fp32 change elsewhere in the step can pass")
     p.add_argument("--recipe", action=argparse.BooleanOptionalAction, default=None,
                    help="also train each variant's whole recipe: time to 99.5%% test accuracy "
                         "(default: on for cuda)")
