@@ -1,4 +1,5 @@
-"""`mnist-pipeline`: promote, roll back and list registered models, and predict digits.
+"""`mnist-pipeline`: the registered models (list, promote, roll back, ensemble, predict) and
+the shared tracking server.
 
     mnist-pipeline models                      # versions, aliases, accuracy, run
     mnist-pipeline promote [--version N | --run-id ID] [--force --reason TEXT]
@@ -287,7 +288,8 @@ def _add_server(sub: Any) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="mnist-pipeline", description=__doc__.splitlines()[0])
+    summary = " ".join(__doc__.split("\n\n")[0].split())  # the docstring's first paragraph
+    top = argparse.ArgumentParser(prog="mnist-pipeline", description=summary)
     sub = top.add_subparsers(dest="command", required=True)
 
     def add(name: str, func: Any, help_text: str) -> argparse.ArgumentParser:
