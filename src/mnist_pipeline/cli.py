@@ -278,13 +278,14 @@ def _add_server(sub: Any) -> None:
                    help="the server's folder (default: the project's .tracking/)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (0.0.0.0: every interface, with --allowed-hosts)")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--port", type=int, default=5000, help="MLflow's port (default 5000)")
     p.add_argument("--allowed-hosts", metavar="NAMES",
                    help="comma-separated host names clients use to reach this machine")
     p.add_argument("--postgres-port", type=int,
                    help="PostgreSQL's port on 127.0.0.1, fixed on first start (default 5433, "
                         "else a free one)")
-    p.add_argument("--workers", type=int, default=4, help="MLflow server worker processes")
+    p.add_argument("--workers", type=int, default=4,
+                   help="MLflow server worker processes (default 4)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -331,10 +332,13 @@ def parser() -> argparse.ArgumentParser:
     chosen.add_argument("--experiments", nargs="+", metavar="NAME",
                         help="the versions these DVC experiments registered (`make ensemble`)")
     p.add_argument("--ensemble-name", help="registered name (default: <name>-ensemble)")
-    p.add_argument("--raw", type=Path, default=Path("data/raw"), help="MNIST IDX folder")
+    p.add_argument("--raw", type=Path, default=Path("data/raw"),
+                   help="MNIST IDX folder, for the ensemble's test score (default: the "
+                        "project's data/raw)")
 
     p = add("predict", cmd_predict, "Predict the digit in each image file.")
-    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("images", nargs="+", type=Path,
+                   help="image files (any format Pillow reads), one digit each")
     p.add_argument("--model", help="model URI (default: models:/<name>@<alias>)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
 
