@@ -137,10 +137,9 @@ def speed_section(speed: dict[str, Any], target: str = "make bench") -> list[str
 
 def recipe_section(speed: dict[str, Any]) -> list[str]:
     """The whole recipe per variant (`--recipe`): when it reached the target accuracy."""
-    recipe_file = speed["settings"].get("recipe_file")
-    recipe = f"`{recipe_file}`" if recipe_file else "the reference recipe"
-    target = speed["recipe"][0]["target_accuracy"]
     s = speed["settings"]
+    recipe = f"`{s['recipe_file']}`" if s.get("recipe_file") else "the reference recipe"
+    target = speed["recipe"][0]["target_accuracy"]
     images = (f"a fixed {s['steps'] * s['batch_size']:,} of the training images" if s["steps"]
               else "all 60,000 training images")
     lines = ["### Time to " + pct(target, 1), "",

@@ -242,13 +242,12 @@ def run_project(
 
 
 def run_recipe(
-    params: TrainParams, tensors: tuple[torch.Tensor, ...], epochs: int, device: torch.device,
+    params: TrainParams, tensors: tuple[torch.Tensor, ...], device: torch.device,
 ) -> dict[str, Any]:
-    """The whole recipe through fit; test accuracy after each epoch (untimed) of the network
-    the train stage would register (the weight average with EMA; shifted copies with TTA):
-    time to 99.5%."""
+    """The whole recipe (params.epochs) through fit; test accuracy after each epoch (untimed)
+    of the network the train stage would register (the weight average with EMA; shifted
+    copies with TTA): time to 99.5%."""
     x, y, x_test, y_test = tensors
-    params = dataclasses.replace(params, epochs=epochs)
     configure_determinism(device, params.cuda_deterministic)
     state = build_state(params, device, len(x) // params.batch_size)
     accuracies: list[float] = []
@@ -261,7 +260,7 @@ def run_recipe(
     elapsed = np.cumsum([h["epoch_seconds"] for h in history]).tolist()
     hit = next((i for i, a in enumerate(accuracies) if a >= TARGET_ACCURACY), None)
     return {
-        "epochs": epochs, "train_seconds": elapsed[-1], "final_accuracy": accuracies[-1],
+        "epochs": params.epochs, "train_seconds": elapsed[-1], "final_accuracy": accuracies[-1],
         "best_accuracy": max(accuracies), "target_accuracy": TARGET_ACCURACY,
         "epoch_reached": None if hit is None else hit + 1,
         "seconds_to_target": None if hit is None else elapsed[hit],
@@ -295,7 +294,7 @@ def child_project(args: argparse.Namespace, row: str, device: torch.device,
     tensors = project_tensors(args, params, device, args.steps)
     cpu, wall = time.process_time(), time.perf_counter()
     if recipe:
-        result = run_recipe(params, tensors, params.epochs, device)
+        result = run_recipe(params, tensors, device)
     else:
         result = run_project(params, tensors, args.epochs, device, world=world)
     return {**result, "warmup_seconds": warmup, "epoch_images": epoch_images(args.raw),

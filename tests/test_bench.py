@@ -101,9 +101,9 @@ def test_recipe_reports_accuracy_per_epoch_and_when_the_target_was_reached(bench
     images, labels = load_real("train", 200)
     x = to_tensor(images, 0.13, 0.31, torch.device("cpu"))
     y = torch.from_numpy(labels)
-    params = dataclasses.replace(TrainParams(), batch_size=50)
+    params = dataclasses.replace(TrainParams(), batch_size=50, epochs=2)
     monkeypatch.setattr(bench, "TARGET_ACCURACY", 0.0)  # reached at once, whatever the numbers
-    result = bench.run_recipe(params, (x, y, x[:100], y[:100]), 2, torch.device("cpu"))
+    result = bench.run_recipe(params, (x, y, x[:100], y[:100]), torch.device("cpu"))
     assert result["epochs"] == 2 and len(result["accuracy_per_epoch"]) == 2
     assert result["epoch_reached"] == 1 and 0 < result["seconds_to_target"] <= result[
         "train_seconds"]
@@ -117,7 +117,7 @@ def test_recipe_scores_the_network_the_train_stage_registers(bench, monkeypatch)
     x = to_tensor(images, 0.13, 0.31, torch.device("cpu"))
     y = torch.from_numpy(labels)
     params = dataclasses.replace(TrainParams(), batch_size=50, ema_decay=0.9, tta=True,
-                                 scheduler="onecycle")
+                                 scheduler="onecycle", epochs=2)
     scored = []
 
     def validate(model, *args):
@@ -129,7 +129,7 @@ def test_recipe_scores_the_network_the_train_stage_registers(bench, monkeypatch)
     built = []
     monkeypatch.setattr(bench, "build_state",
                         lambda *args, **kw: built.append(args) or real_build_state(*args, **kw))
-    bench.run_recipe(params, (x, y, x[:100], y[:100]), 2, torch.device("cpu"))
+    bench.run_recipe(params, (x, y, x[:100], y[:100]), torch.device("cpu"))
     assert built[0][2] == 4  # OneCycle's steps per epoch: 200 images in batches of 50
     assert len(scored) == 2
     for model, tta in scored:
