@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -115,6 +117,33 @@ def wait_for_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> Non
             pass
         time.sleep(0.5)
     raise AssertionError(f"{url} did not answer within {timeout} s")
+
+
+@contextlib.contextmanager
+def answering_server(answer: Callable[[Any], tuple[int, bytes]]) -> Iterator[str]:
+    """A real HTTP server on 127.0.0.1 that answers each GET with `answer(request)`: (status,
+    body), the request being http.server's handler (path, headers). Yields its base URL;
+    shut down on leaving."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            code, body = answer(self)
+            self.send_response(code)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):  # keep test output clean
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 # --- One real pipeline run, shared by the end-to-end tests ---------------------------------

@@ -22,7 +22,15 @@ from mnist_pipeline import server
 from mnist_pipeline.processes import pid_alive
 from mnist_pipeline.tracking import check_login
 
-from .conftest import CLI, clean_env, free_port, postgres_or_skip, reachable_tmp_dir, run
+from .conftest import (
+    CLI,
+    answering_server,
+    clean_env,
+    free_port,
+    postgres_or_skip,
+    reachable_tmp_dir,
+    run,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -263,33 +271,20 @@ def test_start_up_waits_until_every_query_answers_promptly(monkeypatch, tmp_path
 def test_a_refused_query_stops_the_start_up_wait_with_the_servers_answer():
     """Queries go by the name 127.0.0.1 (accepted whatever --allowed-hosts says); a refusal
     is reported at once, not waited out as a slow answer."""
-    import http.server
-    import threading
-
     seen, status = [], [503]
 
-    class Refuse(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 (http.server's name)
-            seen.append((self.headers["Host"], self.headers["Authorization"]))
-            self.send_response(status[0])
-            self.end_headers()
-            self.wfile.write(b"Invalid Host header")
+    def answer(request):
+        seen.append((request.headers["Host"], request.headers["Authorization"]))
+        return status[0], b"Invalid Host header"
 
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
-    port = httpd.server_address[1]
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
+    with answering_server(answer) as url:
         creds = server.Credentials("db", "pw", "secret")
         # a server error is a worker not ready yet: no answer, to wait for
-        assert server.slowest_query(f"http://127.0.0.1:{port}", creds, 2) == float("inf")
+        assert server.slowest_query(url, creds, 2) == float("inf")
         status[0] = 403
         with pytest.raises(server.ServerError, match=r"refused a logged-in query \(HTTP 403: "
                                                      r"Invalid Host header\)"):
-            server.slowest_query(f"http://127.0.0.1:{port}", creds, 2, timeout=10)
-    finally:
-        httpd.shutdown()
+            server.slowest_query(url, creds, 2, timeout=10)
+    port = url.rsplit(":", 1)[1]
     assert seen and all(host == f"127.0.0.1:{port}" and auth.startswith("Basic ")
                         for host, auth in seen)

@@ -9,6 +9,8 @@ import pytest
 from mnist_pipeline.io import repo_root
 from mnist_pipeline.tracking import NullTracker, git_state, resolve_tracking
 
+from .conftest import answering_server
+
 
 def test_default_store_is_sqlite_in_the_repository(tmp_path):
     uri, artifacts = resolve_tracking({}, tmp_path)
@@ -70,34 +72,21 @@ def test_run_status_on_errors(tmp_path, interrupt, status):
 def test_a_checked_server_is_not_checked_again_when_the_run_starts(monkeypatch):
     """The train stage checks the server before any work; starting the run must not repeat
     the check (with its login query's long wait) against the same server."""
-    import http.server
-    import threading
-
     from mnist_pipeline.tracking import MlflowTracker, TrackingError
 
     health = []
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 (the http.server interface)
-            health.extend([self.path] if self.path == "/health" else [])
-            code = 200 if self.path == "/health" or "experiments/search" in self.path else 503
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(b'{"experiments": []}' if code == 200 else b"{}")
+    def answer(request):
+        health.extend([request.path] if request.path == "/health" else [])
+        if request.path == "/health" or "experiments/search" in request.path:
+            return 200, b'{"experiments": []}'
+        return 503, b"{}"
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    try:
-        tracker = MlflowTracker(f"http://127.0.0.1:{server.server_port}", "exp")
+    with answering_server(answer) as url:
+        tracker = MlflowTracker(url, "exp")
         tracker.check()
         with pytest.raises(TrackingError, match="cannot use the MLflow tracking store"), \
                 tracker.run():  # the server fails the experiment lookup
             pass
-    finally:
-        server.shutdown()
     assert health == ["/health"]
