@@ -58,13 +58,13 @@ def _candidate(client: Any, args: argparse.Namespace, name: str) -> Any:
         return registry.get_version(client, name, args.version)
     run_id = args.run_id
     if run_id is None:
-        args.run_info = _in_project(args.run_info)
-        if not args.run_info.is_file():
-            raise PipelineError(f"{args.run_info} not found: run the pipeline first, or name "
+        path = _in_project(args.run_info)
+        if not path.is_file():
+            raise PipelineError(f"{path} not found: run the pipeline first, or name "
                                 "a --version or --run-id")
-        info = read_json(args.run_info)
+        info = read_json(path)
         if info.get("registered_model") == name:
-            registry.check_run_info(client, info, _store(), str(args.run_info))
+            registry.check_run_info(client, info, _store(), str(path))
             if info.get("version") is not None:
                 return registry.get_version(client, name, info["version"])
         run_id = info.get("run_id")
