@@ -97,25 +97,29 @@ def test_bench_data_parallel_row_runs_two_processes(tiny, tmp_path):
     assert 0 <= two["test_accuracy"] <= 1 and two["fused_kernels"] == one["fused_kernels"]
 
 
-def test_recipe_reports_accuracy_per_epoch_and_when_the_target_was_reached(bench, monkeypatch):
+@pytest.fixture(scope="module")
+def tensors():
+    """200 real training images as tensors, the first 100 again as the test set."""
     images, labels = load_real("train", 200)
     x = to_tensor(images, 0.13, 0.31, torch.device("cpu"))
     y = torch.from_numpy(labels)
+    return x, y, x[:100], y[:100]
+
+
+def test_recipe_reports_accuracy_per_epoch_and_when_the_target_was_reached(bench, monkeypatch,
+                                                                           tensors):
     params = dataclasses.replace(TrainParams(), batch_size=50, epochs=2)
     monkeypatch.setattr(bench, "TARGET_ACCURACY", 0.0)  # reached at once, whatever the numbers
-    result = bench.run_recipe(params, (x, y, x[:100], y[:100]), torch.device("cpu"))
+    result = bench.run_recipe(params, tensors, torch.device("cpu"))
     assert result["epochs"] == 2 and len(result["accuracy_per_epoch"]) == 2
     assert result["epoch_reached"] == 1 and 0 < result["seconds_to_target"] <= result[
         "train_seconds"]
     assert result["final_accuracy"] == result["accuracy_per_epoch"][-1]
 
 
-def test_recipe_scores_the_network_the_train_stage_registers(bench, monkeypatch):
+def test_recipe_scores_the_network_the_train_stage_registers(bench, monkeypatch, tensors):
     """With a weight average and test-time averaging (the default recipe's), each epoch's
     accuracy is the average's, over shifted copies, as the train stage would register it."""
-    images, labels = load_real("train", 200)
-    x = to_tensor(images, 0.13, 0.31, torch.device("cpu"))
-    y = torch.from_numpy(labels)
     params = dataclasses.replace(TrainParams(), batch_size=50, ema_decay=0.9, tta=True,
                                  scheduler="onecycle", epochs=2)
     scored = []
@@ -129,7 +133,7 @@ def test_recipe_scores_the_network_the_train_stage_registers(bench, monkeypatch)
     built = []
     monkeypatch.setattr(bench, "build_state",
                         lambda *args, **kw: built.append(args) or real_build_state(*args, **kw))
-    bench.run_recipe(params, (x, y, x[:100], y[:100]), torch.device("cpu"))
+    bench.run_recipe(params, tensors, torch.device("cpu"))
     assert built[0][2] == 4  # OneCycle's steps per epoch: 200 images in batches of 50
     assert len(scored) == 2
     for model, tta in scored:
