@@ -112,8 +112,8 @@ bench-gpu: install ## On a CUDA GPU: default and bf16 against the reference, and
 	$(PY) bench/train_speed.py --device cuda --repeats 3 --variant default --variant bf16 \
 		--recipe-file recipes/best-single.yaml --json bench/results/cuda.json
 
-report: install ## Regenerate bench/RESULTS.md from bench/results/*.json
-	$(PY) bench/report.py > bench/RESULTS.md
+report: install ## Regenerate bench/RESULTS.md and README.md's accuracy table from bench/results/*.json
+	$(PY) bench/report.py --readme README.md > bench/RESULTS.md
 
 clean: ## Remove the virtual environment and caches (not data or runs)
 	rm -rf $(VENV) .pytest_cache .ruff_cache

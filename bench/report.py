@@ -1,6 +1,6 @@
 """Write bench/RESULTS.md from the committed result files in bench/results/.
 
-    python bench/report.py > bench/RESULTS.md
+    python bench/report.py --readme README.md > bench/RESULTS.md   (`make report`)
 
 Inputs (each written by the command named in its section, numbers only):
   bench/results/speed.json     `make bench`    (bench/train_speed.py --json ...)
@@ -10,14 +10,16 @@ Inputs (each written by the command named in its section, numbers only):
   bench/results/accuracy.json  `make accuracy` (bench/accuracy.py)
   bench/results/bf16.json      `make accuracy-bf16` (bench/accuracy.py, fp32 against bf16)
   bench/results/source.json    what the blog post the reference recipe comes from reports
-A result file that is absent leaves its section out. tests/test_layout.py checks that the
-committed RESULTS.md is exactly what this script prints.
+A result file that is absent leaves its section out. With --readme, the accuracy table quoted
+in that file is replaced by this one. tests/test_layout.py checks that the committed
+RESULTS.md is exactly what this script prints, and README.md's table this one.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -292,7 +294,8 @@ def bf16_section(bf16: dict[str, Any], speed: dict[str, Any] | None) -> list[str
         "and without it, per seed:",
         "",
         f"- Machine: {machine_line(bf16['machine'])}",
-        f"- Command: `make accuracy-bf16` (`{bf16['command']}`)",
+        f"- Command: `{bf16['command']}` (`make accuracy-bf16` runs the same recipes and "
+        "seeds)",
         "",
         *accuracy_table(bf16),
     ]
@@ -423,11 +426,37 @@ def report(folder: Path = RESULTS) -> str:
     return "\n".join(lines) + "\n"
 
 
+def with_accuracy_table(text: str, table: list[str]) -> str:
+    """`text` (a Markdown file) with its accuracy table, from the header row to the first line
+    after it that is not a table row, replaced by `table`."""
+    lines = text.split("\n")
+    starts = [i for i, line in enumerate(lines) if line == table[0]]
+    if len(starts) != 1:
+        raise ValueError(f"expected one accuracy table (header row {table[0]!r}), found "
+                         f"{len(starts)}")
+    end = starts[0]
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    return "\n".join([*lines[:starts[0]], *table, *lines[end:]])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--readme", type=Path,
+                        help="a Markdown file whose accuracy table to replace (README.md)")
     args = parser.parse_args(argv)
     sys.stdout.write(report(args.results))
+    accuracy = load("accuracy.json", args.results)
+    if args.readme is not None and accuracy:
+        try:
+            updated = with_accuracy_table(args.readme.read_text(), accuracy_table(accuracy))
+        except (OSError, ValueError) as exc:
+            print(f"error: {args.readme}: {exc}", file=sys.stderr)
+            return 1
+        partial = args.readme.with_name(f".{args.readme.name}.partial")
+        partial.write_text(updated)
+        os.replace(partial, args.readme)
     return 0
 
 
