@@ -1,10 +1,10 @@
 """Stage `train`: train the CNN, track the run in MLflow and register the model.
 
 Runtime choices (not DVC params): --device / $MNIST_DEVICE (auto, cpu, cuda, cuda:N),
---threads / $MNIST_THREADS (CPU threads per process), $MLFLOW_TRACKING_URI (default: ./mlruns,
-SQLite); with train.nproc > 1 the stage runs itself under torchrun (--standalone, or
-$MNIST_TORCHRUN_ARGS, e.g. for several machines), --backend / $MNIST_DIST_BACKEND (auto, gloo,
-nccl).
+--threads / $MNIST_THREADS (CPU threads per process), $MLFLOW_TRACKING_URI (default: SQLite
+in the repository's mlruns/); with train.nproc > 1 the stage runs itself under torchrun
+(--standalone, or $MNIST_TORCHRUN_ARGS, e.g. for several machines), --backend /
+$MNIST_DIST_BACKEND (auto, gloo, nccl).
     python stages/train.py --params params.yaml --raw data/raw --stats data/stats.json \
         --weights models/model.pt --metrics metrics/train.json \
         --history plots/train_history.json --curves plots/train_curves.png \

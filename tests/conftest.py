@@ -34,7 +34,8 @@ def mnist_mirror() -> Path:
     """The local MNIST mirror: $MNIST_MIRROR, else ../shared/mnist beside the repository."""
     path = Path(os.environ.get("MNIST_MIRROR") or ROOT.parent / "shared" / "mnist").resolve()
     if not (path / "train-images-idx3-ubyte.gz").is_file():
-        pytest.fail(f"real MNIST not found at {path}: set MNIST_MIRROR to the shared mirror")
+        pytest.fail(f"real MNIST not found at {path}: set MNIST_MIRROR to a folder "
+                    "holding the four MNIST .gz files")
     return path
 
 

@@ -60,7 +60,7 @@ def test_user_text_tells_no_development_history():
 def test_readme_is_short_and_names_the_quick_start():
     text = (ROOT / "README.md").read_text()
     assert len(text.splitlines()) <= 220
-    assert "MNIST_MIRROR=/path/to/mnist-gz-folder make repro" in text and "make test" in text
+    assert "export MNIST_MIRROR=/path/to/mnist-gz-folder" in text and "make test" in text
     assert text.count("shared/mnist") == 1
 
 
@@ -72,6 +72,23 @@ def test_readme_accuracy_table_is_the_generated_one(report):
     accuracy = json.loads((ROOT / "bench" / "results" / "accuracy.json").read_text())
     table = "\n".join(report.accuracy_table(accuracy))
     assert table in (ROOT / "README.md").read_text()
+
+
+def test_make_report_rewrites_a_stale_readme_table(report, tmp_path, capsys):
+    readme = (ROOT / "README.md").read_text()
+    table = report.accuracy_table(json.loads(
+        (ROOT / "bench" / "results" / "accuracy.json").read_text()))
+    stale = tmp_path / "README.md"
+    stale.write_text(readme.replace("\n".join(table[2:]), "| reference | 20 | 1 | 99.00% |"))
+    assert stale.read_text() != readme
+    assert report.main(["--readme", str(stale)]) == 0
+    assert stale.read_text() == readme
+    assert capsys.readouterr().out == report.report()  # RESULTS.md, as without --readme
+
+    untabled = tmp_path / "other.md"
+    untabled.write_text("# no table\n")
+    assert report.main(["--readme", str(untabled)]) == 1
+    assert "found 0" in capsys.readouterr().err and untabled.read_text() == "# no table\n"
 
 
 def test_every_percentage_in_the_docs_comes_from_a_result_file(report):
