@@ -273,7 +273,8 @@ def _add_server(sub: Any) -> None:
                  "basic authentication, proxied artifacts).")
     p = sub.add_parser("server", help=help_text, description=help_text)
     p.set_defaults(func=cmd_server)
-    p.add_argument("action", nargs="?", choices=("start", "status", "stop"), default="start")
+    p.add_argument("action", nargs="?", choices=("start", "status", "stop"), default="start",
+                   help="start (the default), status or stop")
     p.add_argument("--dir", type=Path,
                    help="the server's folder (default: the project's .tracking/)")
     p.add_argument("--host", default="127.0.0.1",
@@ -314,13 +315,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", help="why; recorded with the promotion")
 
     p = add("rollback", cmd_rollback, "Move the alias back to the previous champion.")
-    p.add_argument("--alias")
-    p.add_argument("--reason")
+    p.add_argument("--alias", help="alias to move back (default: promote.alias in params)")
+    p.add_argument("--reason", help="why; recorded with the rollback")
 
     p = add("history", cmd_history, "Print every alias move, oldest first.")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
     p = add("models", cmd_models, "List the versions with their aliases, accuracy and run.")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--recipes", type=Path,
                    help="the recipes to name each version's params by (default: the "
                         "project's recipes/)")
