@@ -455,8 +455,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {args.readme}: {exc}", file=sys.stderr)
             return 1
         partial = args.readme.with_name(f".{args.readme.name}.partial")
-        partial.write_text(updated)
-        os.replace(partial, args.readme)
+        try:
+            partial.write_text(updated)
+            os.replace(partial, args.readme)
+        finally:
+            partial.unlink(missing_ok=True)
     return 0
 
 
