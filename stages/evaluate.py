@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     params = load_params(args.params, "evaluate")
-    run_info = read_json(args.run_info)
+    run_info = read_json(args.run_info, keys=("run_id",))
     if not run_info.get("registry_uri"):
         raise PipelineError(f"{args.run_info} names no registered model: was train tracked?")
     uri, _ = resolve_tracking(os.environ, Path.cwd())

@@ -29,9 +29,9 @@ import torch  # noqa: E402
 
 from mnist_pipeline import distributed  # noqa: E402
 from mnist_pipeline.errors import run_stage  # noqa: E402
-from mnist_pipeline.io import read_json  # noqa: E402
 from mnist_pipeline.params import load_params  # noqa: E402
 from mnist_pipeline.runtime import select_device  # noqa: E402
+from mnist_pipeline.stats import read_stats  # noqa: E402
 from mnist_pipeline.tracking import MlflowTracker, git_state, resolve_tracking  # noqa: E402
 from mnist_pipeline.train_stage import TrainOutputs, run_training  # noqa: E402
 
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     params = load_params(args.params, "train")
+    stats = read_stats(args.stats)
     # When a tracking server goes away mid-run, give up on a request in seconds, not minutes:
     # metrics are kept and re-sent (see mnist_pipeline.tracking).
     for name, value in (("MAX_RETRIES", "2"), ("BACKOFF_FACTOR", "1"), ("TIMEOUT", "20")):
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     # the run is named after the DVC experiment, else after the model and the time
     name = os.environ.get("DVC_EXP_NAME") or (
         f"{params.registered_model}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}")
-    run_training(params, args.raw, read_json(args.stats), outputs, device, tracker, tags,
+    run_training(params, args.raw, stats, outputs, device, tracker, tags,
                  print_fn=show, on_step=progress.update if progress is not None else None,
                  world=world, run_name=name)
     distributed.stop(world)

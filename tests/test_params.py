@@ -183,3 +183,34 @@ def test_a_recipe_with_a_bad_value_is_named_in_the_error(tmp_path):
     recipe.write_text("train:\n  epochs: 0\n")
     with pytest.raises(ParamsError, match=r"recipe .*bad\.yaml: params: train\.epochs"):
         load_recipe(recipe)
+
+
+@pytest.mark.parametrize("stage, name, text, fault", [
+    ("train", "stats.json", None, "stats.json not found"),
+    ("train", "stats.json", "{", "stats.json is not a JSON file"),
+    ("train", "stats.json", "[0.1, 0.3]", "stats.json: expected a JSON object, got list"),
+    ("train", "stats.json", '{"mean": 0.1}', "stats.json has no std"),
+    ("train", "stats.json", '{"mean": 0.1, "std": 0}', "stats.json: std is 0, not a usable"),
+    ("train", "stats.json", '{"mean": "x", "std": 0.3}', "stats.json: mean is 'x'"),
+    ("evaluate", "run.json", "", "run.json is not a JSON file"),
+    ("evaluate", "run.json", '{"version": 1}', "run.json has no run_id"),
+])
+def test_stages_refuse_bad_input_files_before_any_work(tmp_path, stage, name, text, fault):
+    """A missing, corrupt or incomplete file from an earlier stage stops the stage with one
+    message naming the file, before any work: no traceback, no output."""
+    import subprocess
+    import sys
+
+    given = tmp_path / name
+    if text is not None:
+        given.write_text(text)
+    paths = {"train": ["--raw", "x", "--stats", name, "--weights", "w", "--metrics", "m",
+                       "--history", "h", "--run-info", "r"],
+             "evaluate": ["--raw", "x", "--run-info", name, "--metrics", "m", "--report", "e",
+                          "--confusion", "c", "--misclassified", "p"]}[stage]
+    done = subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py"), "--params",
+                           str(ROOT / "params.yaml"), *paths], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and fault in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([name] if text is not None else [])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.stats import class_counts, compute_stats, pixel_stats
 
 
@@ -22,7 +23,7 @@ def test_pixel_stats_match_float64_numpy():
 
 
 def test_empty_images_are_refused():
-    with pytest.raises(ValueError):
+    with pytest.raises(PipelineError, match="empty image set"):
         pixel_stats(np.zeros((0, 28, 28), np.uint8))
 
 

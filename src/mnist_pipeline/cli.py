@@ -62,7 +62,7 @@ def _candidate(client: Any, args: argparse.Namespace, name: str) -> Any:
         if not path.is_file():
             raise PipelineError(f"{path} not found: run the pipeline first, or name "
                                 "a --version or --run-id")
-        info = read_json(path)
+        info = read_json(path, keys=("run_id",))
         if info.get("registered_model") == name:
             registry.check_run_info(client, info, _store(), str(path))
             if info.get("version") is not None:

@@ -15,6 +15,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from .errors import PipelineError
+
 
 def repo_root(env: Mapping[str, str], cwd: str | Path) -> Path:
     """The repository the pipeline runs for (its mlruns/, relative mirror paths): DVC_ROOT,
@@ -60,8 +62,24 @@ def write_json(target: str | Path, obj: Any) -> None:
     write_text(target, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+def read_json(path: str | Path, keys: tuple[str, ...] = ()) -> Any:
+    """The JSON document in `path`; with `keys`, an object that must hold each of them.
+    A file that is missing, unreadable, not JSON or without a key is a PipelineError that
+    names it."""
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{path} not found") from None
+    except OSError as exc:
+        raise PipelineError(f"cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:  # not UTF-8, not JSON
+        raise PipelineError(f"{path} is not a JSON file ({exc})") from None
+    if keys and not isinstance(document, dict):
+        raise PipelineError(f"{path}: expected a JSON object, got {type(document).__name__}")
+    missing = [key for key in keys if key not in document]
+    if missing:
+        raise PipelineError(f"{path} has no {', '.join(missing)}")
+    return document
 
 
 @contextlib.contextmanager
