@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mnist_pipeline import fused
+from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.io import read_json
 from mnist_pipeline.loop import build_state, fit, to_tensor
 from mnist_pipeline.params import TrainParams
@@ -88,6 +89,11 @@ def test_plateau_scheduler_is_stepped_on_the_chosen_loss(subset, choice, key):
 def test_select_device():
     assert select_device("cpu").type == "cpu"
     assert select_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    for wrong in ("foo", "cuda:abc", "mps", "meta"):
+        with pytest.raises(PipelineError, match="expected auto, cpu, cuda or cuda:N"):
+            select_device(wrong)
+    with pytest.raises(PipelineError, match="CUDA GPU"):
+        select_device(f"cuda:{torch.cuda.device_count()}")  # one past the last (or no GPU)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

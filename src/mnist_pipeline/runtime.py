@@ -19,12 +19,22 @@ from .errors import PipelineError
 
 
 def select_device(requested: str = "auto") -> torch.device:
-    """'auto' picks CUDA when a GPU is present, else the CPU; otherwise the named device."""
+    """'auto' picks CUDA when a GPU is present, else the CPU; otherwise the named device
+    ('cpu', 'cuda' or 'cuda:N'), refused with a message when it is not one or is absent."""
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise PipelineError(f"device {requested!r}: expected auto, cpu, cuda or cuda:N "
+                            "(MNIST_DEVICE or --device)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PipelineError(f"device {requested!r} was asked for, but no CUDA GPU is available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise PipelineError(f"device {requested!r} was asked for, but there are only "
+                            f"{torch.cuda.device_count()} CUDA GPU(s)")
     return device
 
 
