@@ -90,3 +90,18 @@ def test_a_checked_server_is_not_checked_again_when_the_run_starts(monkeypatch):
                 tracker.run():  # the server fails the experiment lookup
             pass
     assert health == ["/health"]
+
+
+@pytest.mark.parametrize("store, fault", [
+    ("a-folder", "maintenance mode"),  # a plain path: MLflow's retired file store
+    ("nosuch://x", "unsupported URI"),
+    ("sqlite:///{tmp}/not-a-database.db", "file is not a database"),
+])
+def test_a_store_mlflow_cannot_open_is_one_message(tmp_path, store, fault):
+    from mnist_pipeline.tracking import TrackingError, open_client
+
+    (tmp_path / "not-a-database.db").write_text("plain text")
+    uri = store.format(tmp=tmp_path)
+    with pytest.raises(TrackingError, match=f"cannot open the MLflow tracking store {uri}: "
+                                            f".*{fault}.*MLFLOW_TRACKING_URI"):
+        open_client(uri)

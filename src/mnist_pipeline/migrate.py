@@ -81,9 +81,9 @@ def check_stores(source: str, target: str) -> str:
 
 def store(uri: str) -> Any:
     """A client for runs and registry both at `uri`."""
-    from mlflow import MlflowClient
+    from .tracking import open_client
 
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return open_client(uri, registry_uri=uri)
 
 
 def pages(search: Callable[..., Any]) -> Iterator[Any]:

@@ -45,17 +45,33 @@ def sqlite_file(uri: str) -> Path | None:
     return Path(uri.removeprefix(prefix)) if uri.startswith(prefix) else None
 
 
+def open_client(uri: str, registry_uri: str | None = None) -> Any:
+    """An MlflowClient on the store at `uri`; one that MLflow cannot open (an unknown scheme,
+    a plain folder, a file that is not a database) is a TrackingError naming it."""
+    from mlflow import MlflowClient
+
+    try:
+        return MlflowClient(tracking_uri=uri, registry_uri=registry_uri)
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = reason if len(reason) <= 300 else reason[:297].rstrip() + "..."
+        raise TrackingError(
+            f"cannot open the MLflow tracking store {uri}: {reason}. Set MLFLOW_TRACKING_URI "
+            "to a store (sqlite:///path/to/mlflow.db or http://host:port), or unset it to use "
+            "./mlruns.") from None
+
+
 def store_client(uri: str) -> Any:
     """An MlflowClient on the store at `uri` (a server is checked first: reachable, login
     accepted), also made the default store of this process (for `models:/` URIs loaded
     through mlflow.pyfunc)."""
     import mlflow
-    from mlflow import MlflowClient
 
     if uri.startswith(("http://", "https://")):
         MlflowTracker(uri, "").check()
+    client = open_client(uri)
     mlflow.set_tracking_uri(uri)
-    return MlflowClient(tracking_uri=uri)
+    return client
 
 
 def git_state(cwd: str | Path) -> dict[str, str]:
@@ -279,9 +295,7 @@ class MlflowTracker(NullTracker):
         return self
 
     def client(self) -> Any:
-        from mlflow import MlflowClient
-
-        return MlflowClient(tracking_uri=self.uri)
+        return open_client(self.uri)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
