@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from .conftest import CLI, ROOT
@@ -122,3 +123,13 @@ def test_models_names_recipes_from_the_projects_recipes_folder_in_a_subfolder(tm
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert [(r["version"], r["recipe"]) for r in rows] == [(3, "custom"), (2, "three"),
                                                            (1, "faithful")]
+
+
+def test_a_model_uri_that_cannot_be_loaded_is_one_message(tmp_path):
+    """Whatever the URI's fault (a host with no server, a scheme without its package, a
+    folder that is no model), predict says which model and why, in one line."""
+    from mnist_pipeline.registry import RegistryError, load_pyfunc
+
+    for uri in ("http://127.0.0.1:1/no-model", f"file://{tmp_path}", str(tmp_path / "none")):
+        with pytest.raises(RegistryError, match=f"cannot load model {uri}: "):
+            load_pyfunc(uri)

@@ -111,12 +111,12 @@ def log_and_register(
 def load_pyfunc(uri: str) -> Any:
     """Load a logged or registered model (any MLflow model URI) for prediction."""
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     try:
         return mlflow.pyfunc.load_model(uri)
-    except (MlflowException, OSError) as exc:
-        raise RegistryError(f"cannot load model {uri}: {exc}") from None
+    except Exception as exc:  # any URI a user types: missing, malformed, unreachable, corrupt
+        reason = str(exc).strip() or type(exc).__name__
+        raise RegistryError(f"cannot load model {uri}: {reason}") from None
 
 
 def tag_version(client: Any, name: str, version: int | str, tags: dict[str, Any]) -> None:
