@@ -338,3 +338,25 @@ def test_fp32_speed_options_are_on_by_default_and_can_be_turned_off():
     assert plain.model.features[3].weight.is_contiguous()
     assert not plain.model.features[3].weight.is_contiguous(memory_format=torch.channels_last)
     assert not plain.optimizer.defaults["fused"]
+
+
+@pytest.mark.parametrize("subset, val_size", [(50, 0), (1000, 950)])
+def test_fewer_training_images_than_one_batch_stop_before_training(tmp_path, subset, val_size):
+    """A subset or validation split that leaves less than one batch would register an
+    untrained model (no step is taken): refused, naming the key."""
+    import dataclasses
+
+    import numpy as np
+
+    from mnist_pipeline.data import SPLITS
+    from mnist_pipeline.train_stage import prepare_data
+
+    from .conftest import write_idx
+
+    rng = np.random.default_rng(0)
+    images, labels = SPLITS["train"]
+    write_idx(tmp_path / images, rng.integers(0, 256, (1000, 28, 28), dtype=np.uint8))
+    write_idx(tmp_path / labels, rng.integers(0, 10, 1000, dtype=np.uint8))
+    params = dataclasses.replace(TrainParams(), train_subset=subset, val_size=val_size)
+    with pytest.raises(PipelineError, match="train.batch_size: 100 is more than the 50 "):
+        prepare_data(params, tmp_path, {"mean": 0.1, "std": 0.3}, torch.device("cpu"))

@@ -132,6 +132,8 @@ def test_other_sections():
         ("train: [1, 2]\n", "train: expected a mapping"),
         ("train: {lr: [\n", "not valid YAML"),
         ("- a\n", "must be a mapping"),
+        ("train: {1: 2, lr: 0.1}\n", "train.1: unknown key"),  # a number among the keys
+        ("train: {}\n3: {}\n", "3: unknown section"),
     ],
 )
 def test_file_level_errors(tmp_path, text, fault):
@@ -144,6 +146,15 @@ def test_file_level_errors(tmp_path, text, fault):
 def test_missing_file(tmp_path):
     with pytest.raises(ParamsError, match="not found"):
         load_params(tmp_path / "params.yaml", "train")
+
+
+def test_a_folder_or_binary_file_is_no_params_file(tmp_path):
+    with pytest.raises(ParamsError, match="cannot read"):
+        load_params(tmp_path, "train")
+    binary = tmp_path / "params.yaml"
+    binary.write_bytes(b"train:\n  lr: \xff\xfe\n")
+    with pytest.raises(ParamsError, match="is not UTF-8 text"):
+        load_params(binary, "train")
 
 
 def test_params_are_frozen():

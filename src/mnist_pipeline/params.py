@@ -182,7 +182,7 @@ def parse_section(section: str, raw: Any, cls: type[T]) -> T:
         raise ParamsError(f"params: {section}: expected a mapping of keys, got {raw!r}")
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(map(str, set(raw) - set(fields)))  # a key may be a number: 1: 2
     if unknown:
         raise ParamsError(
             f"params: {section}.{unknown[0]}: unknown key; allowed keys: {', '.join(fields)}"
@@ -204,11 +204,15 @@ def load_params(path: str | Path, section: str) -> Any:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ParamsError(f"params: {path} not found") from None
+    except OSError as exc:  # a folder, no permission
+        raise ParamsError(f"params: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ParamsError(f"params: {path} is not UTF-8 text") from None
     except yaml.YAMLError as exc:
         raise ParamsError(f"params: {path} is not valid YAML: {exc}") from None
     if not isinstance(doc, dict):
         raise ParamsError(f"params: {path} must be a mapping of sections")
-    unknown = sorted(set(doc) - set(SECTIONS))
+    unknown = sorted(map(str, set(doc) - set(SECTIONS)))
     if unknown:
         raise ParamsError(
             f"params: {unknown[0]}: unknown section; allowed sections: {', '.join(SECTIONS)}"

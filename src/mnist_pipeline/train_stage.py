@@ -93,6 +93,10 @@ def prepare_data(params: TrainParams, raw_dir: Path, stats: Mapping[str, Any],
                                 f"training images out of {len(images)}")
         keep, held = split_validation(len(images), params.val_size, params.seed)
         parts["train"], parts["val"] = (images[keep], labels[keep]), (images[held], labels[held])
+    if len(parts["train"][0]) < params.batch_size:  # not one step: the model would not train
+        raise PipelineError(f"params: train.batch_size: {params.batch_size} is more than the "
+                            f"{len(parts['train'][0])} training images left (train_subset, "
+                            "val_size): not one full batch to train on")
     tensors = {name: (to_tensor(im, mean, std, device, params.channels_last),
                       torch.from_numpy(lab).to(device)) for name, (im, lab) in parts.items()}
     md5s = file_md5s([raw_dir / name for split in SPLITS.values() for name in split])
