@@ -133,3 +133,14 @@ def test_a_model_uri_that_cannot_be_loaded_is_one_message(tmp_path):
     for uri in ("http://127.0.0.1:1/no-model", f"file://{tmp_path}", str(tmp_path / "none")):
         with pytest.raises(RegistryError, match=f"cannot load model {uri}: "):
             load_pyfunc(uri)
+
+
+def test_an_alias_mlflow_reserves_is_refused_before_the_store_is_opened(tmp_path):
+    for command in (["promote", "--alias", "latest"], ["rollback", "--alias", "v2"],
+                    ["promote", "--alias", "my alias"]):
+        done = subprocess.run([CLI, *command], capture_output=True, text=True, timeout=120,
+                              cwd=tmp_path, env={k: v for k, v in os.environ.items()
+                                                 if not k.startswith(("MLFLOW_", "DVC_"))})
+        assert done.returncode == 1 and done.stderr.startswith(
+            f"error: alias {command[-1]!r}: "), done.stderr
+        assert "Traceback" not in done.stderr

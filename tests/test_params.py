@@ -225,3 +225,17 @@ def test_stages_refuse_bad_input_files_before_any_work(tmp_path, stage, name, te
     assert done.returncode == 1 and fault in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ([name] if text is not None else [])
+
+
+@pytest.mark.parametrize("section, key, value, fault", [
+    ("train", "registered_model", "mnist.cnn", "a name of letters, digits, _ and -"),
+    ("train", "registered_model", "team/mnist", "a name of letters, digits, _ and -"),
+    ("promote", "alias", "best model", "expected letters, digits, _ and -"),
+    ("promote", "alias", "latest", "name versions in MLflow"),
+    ("promote", "alias", "v3", "name versions in MLflow"),
+])
+def test_names_mlflow_would_refuse_are_refused_when_loaded(section, key, value, fault):
+    """MLflow refuses these only when the model is logged (after training) or the alias set."""
+    with pytest.raises(ParamsError, match=f"params: {section}.{key}: .*{fault}"):
+        parse_section(section, {key: value}, SECTIONS[section])
+    assert parse_section(section, {key: "my_model-2"}, SECTIONS[section])

@@ -31,7 +31,7 @@ from typing import Any
 from . import registry
 from .errors import PipelineError, run_stage
 from .io import read_json, repo_root
-from .params import SECTIONS, load_params
+from .params import SECTIONS, alias_problem, load_params
 from .tracking import git_state, resolve_tracking, sqlite_file, store_client
 
 
@@ -47,6 +47,13 @@ def _client(args: argparse.Namespace) -> Any:
         raise PipelineError(f"no MLflow store at {database}: run this in the project's folder "
                             "after `dvc repro`, or set MLFLOW_TRACKING_URI to the store")
     return store_client(uri)
+
+
+def _alias(alias: str) -> str:
+    problem = alias_problem(alias)
+    if problem:
+        raise PipelineError(f"alias {alias!r}: {problem}")
+    return alias
 
 
 def _provenance() -> dict[str, str]:
@@ -73,7 +80,7 @@ def _candidate(client: Any, args: argparse.Namespace, name: str) -> Any:
 
 def cmd_promote(args: argparse.Namespace) -> int:
     params = _params(args, "promote")
-    alias = args.alias or params.alias
+    alias = _alias(args.alias or params.alias)
     client = _client(args)
     version = _candidate(client, args, args.name)
     current = registry.champion(client, args.name, alias)
@@ -108,7 +115,7 @@ def better_note(candidate: int, better: list[tuple[int, float]], holder: int | N
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    alias = args.alias or _params(args, "promote").alias
+    alias = _alias(args.alias or _params(args, "promote").alias)
     entry = registry.rollback(_client(args), args.name, alias, _provenance(), args.reason or "")
     print(f"{args.name}@{alias} rolled back from version {entry['previous']} "
           f"to version {entry['version']}")

@@ -30,12 +30,26 @@ def _choice(*choices: str) -> dict:
     return {"choices": choices}
 
 
+# What MLflow accepts both as a registered model's name and as the name its model is logged
+# under (no . / : % quotes), so that a bad name stops the stage before training, not after.
+_NAME = {"pattern": r"[\w-]+", "what": "a name of letters, digits, _ and -"}
+
+
+def alias_problem(alias: str) -> str | None:
+    """Why MLflow would refuse `alias` as a registered model's alias, or None."""
+    if not re.fullmatch(r"[\w-]+", alias):
+        return "expected letters, digits, _ and -"
+    if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+        return "'latest' and v<N> name versions in MLflow, not aliases"
+    return None
+
+
 @dataclass(frozen=True)
 class TrainParams:
     """The `train` section: model, recipe, speed options and tracking names."""
 
     experiment_name: str = "mnist-cnn"
-    registered_model: str = "mnist-cnn"
+    registered_model: str = field(default="mnist-cnn", metadata=_NAME)
     seed: int = field(default=0, metadata=_num(0, 2**31 - 1))
     epochs: int = field(default=20, metadata=_num(1, 1000))
     batch_size: int = field(default=100, metadata=_num(2, 60000))
@@ -120,6 +134,11 @@ class PromoteParams:
     alias: str = "champion"
     min_accuracy: float = field(default=0.995, metadata=_num(0, 1))
 
+    def __post_init__(self) -> None:
+        problem = alias_problem(self.alias)
+        if problem:
+            raise ParamsError(f"params: promote.alias: {problem}, got {self.alias!r}")
+
 
 SECTIONS: dict[str, type] = {
     "train": TrainParams,
@@ -134,6 +153,8 @@ _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 def _describe(meta: dict, kind: str) -> str:
     if "choices" in meta:
         return "one of " + ", ".join(repr(c) for c in meta["choices"])
+    if "pattern" in meta:
+        return meta["what"]
     lo, hi = meta.get("lo"), meta.get("hi")
     if lo is None and hi is None:
         return kind
@@ -154,6 +175,8 @@ def _coerce(key: str, value: Any, kind: type, meta: dict) -> Any:
         if not isinstance(value, str) or not value:
             raise ParamsError(f"params: {key}: expected {expected}, got {value!r}")
         if "choices" in meta and value not in meta["choices"]:
+            raise ParamsError(f"params: {key}: expected {expected}, got {value!r}")
+        if "pattern" in meta and not re.fullmatch(meta["pattern"], value):
             raise ParamsError(f"params: {key}: expected {expected}, got {value!r}")
         return value
     if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
