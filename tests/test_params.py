@@ -66,6 +66,29 @@ def test_runs_are_named_by_the_recipe_their_params_match():
     assert load_recipes(ROOT / "no-such-folder") == {}
 
 
+def test_a_recipe_matches_however_its_numbers_are_written(tmp_path):
+    """YAML reads 1e-3 as a string and 3 as an integer; the run logs 0.001 and 3.0."""
+    from mnist_pipeline.recipes import load_recipes, match_recipe
+
+    (tmp_path / "mine.yaml").write_text("train:\n  lr: 1e-3\n  augment_shift: 3\n")
+    logged = {k: str(v) for k, v in dataclasses.asdict(
+        dataclasses.replace(TrainParams(), lr=0.001, augment_shift=3.0)).items()}
+    assert match_recipe(logged, load_recipes(tmp_path)) == "mine"
+
+
+@pytest.mark.parametrize("text, fault", [
+    ("- lr: 0.1\n", "expected a mapping of sections"),
+    ("train:\n", "train: expected a mapping of keys, got None"),
+    ("train: [1]\n", "train: expected a mapping of keys"),
+])
+def test_a_recipe_that_is_not_a_mapping_is_one_message(tmp_path, text, fault):
+    from mnist_pipeline.recipes import load_recipe
+
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(ParamsError, match=fault):
+        load_recipe(tmp_path / "bad.yaml")
+
+
 @pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")),
                          ids=lambda path: path.stem)
 def test_every_recipe_is_valid_and_sets_every_recipe_key(recipe):

@@ -269,3 +269,12 @@ def test_ensemble_of_two_versions_is_one_servable_model(pipeline, promotions, ru
     refused = run([CLI, "ensemble", "--experiments", names[0], "no-such-experiment"], repo, env,
                   check=False)
     assert refused.returncode != 0 and "no-such-experiment: did they fail?" in refused.stderr
+
+
+@pytest.mark.parametrize("versions", [[3], [3, 3], [3, 4, 3]])
+def test_an_ensemble_of_one_model_or_of_a_repeated_version_is_refused(versions):
+    from mnist_pipeline.ensemble import build_ensemble
+    from mnist_pipeline.registry import RegistryError
+
+    with pytest.raises(RegistryError, match="at least two versions|may be named once"):
+        build_ensemble(None, "mnist-cnn", versions, "mnist-cnn-ensemble", Path("none"), 200)

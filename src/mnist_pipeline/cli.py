@@ -148,6 +148,8 @@ def _percent(accuracy: float | None) -> str:
 def cmd_models(args: argparse.Namespace) -> int:
     from .recipes import load_recipes, match_recipe
 
+    if args.recipes is not None and not args.recipes.is_dir():
+        raise PipelineError(f"--recipes {args.recipes}: no such folder")
     recipes = load_recipes(args.recipes or _in_project(Path("recipes")))
     rows = registry.list_versions(_client(args), args.name,
                                   lambda params: match_recipe(params, recipes))

@@ -44,8 +44,11 @@ def build_ensemble(
 ) -> dict[str, Any]:
     """Register the ensemble of `versions` of `name` as a new version of `ensemble_name`,
     then score that registered version on the test set."""
-    if len(versions) < 2:
+    if len(set(versions)) < 2:
         raise RegistryError("an ensemble needs at least two versions")
+    if len(set(versions)) < len(versions):
+        raise RegistryError(f"versions {', '.join(map(str, versions))}: each member may be "
+                            "named once")
     client = tracker.client()
     loaded = [load_member(client, name, v) for v in versions]
     model = EnsembleModel([m for m, _ in loaded]).eval()

@@ -218,6 +218,17 @@ def parse_section(section: str, raw: Any, cls: type[T]) -> T:
     return cls(**values)
 
 
+def coerce_value(section: str, key: str, value: Any) -> Any:
+    """`value` of `section.key` as its params field holds it (e.g. '1e-3' -> 0.001, 3 -> 3.0
+    for a number), or raise ParamsError."""
+    cls = SECTIONS[section]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if key not in fields:
+        raise ParamsError(f"params: {section}.{key}: unknown key")
+    return _coerce(f"{section}.{key}", value, get_type_hints(cls)[key],
+                   dict(fields[key].metadata))
+
+
 def load_params(path: str | Path, section: str) -> Any:
     """Load and validate one section of a params file (the whole file must parse)."""
     import yaml  # here, not at the top: the benchmark imports TrainParams without PyYAML

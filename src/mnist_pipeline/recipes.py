@@ -5,13 +5,13 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import sys
 from pathlib import Path
 from typing import Any
 
 from .errors import run_stage
-from .params import SECTIONS, ParamsError, parse_section
+from .params import SECTIONS, ParamsError, coerce_value, parse_section
 
 
 def load_recipe(path: str | Path, base: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -23,9 +23,14 @@ def load_recipe(path: str | Path, base: dict[str, Any] | None = None) -> dict[st
         doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise ParamsError(f"recipe {path}: cannot read it: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ParamsError(f"recipe {path}: expected a mapping of sections, got {doc!r}")
     for section, overrides in doc.items():
         if section not in SECTIONS:
             raise ParamsError(f"recipe {path}: {section}: unknown section")
+        if not isinstance(overrides, dict):
+            raise ParamsError(f"recipe {path}: {section}: expected a mapping of keys, got "
+                              f"{overrides!r}")
         try:
             parse_section(section, {**(base or {}).get(section, {}), **overrides},
                           SECTIONS[section])
@@ -55,7 +60,8 @@ def match_recipe(params: dict[str, str], recipes: dict[str, dict[str, Any]]) -> 
     if params.get("train_subset", "0") != "0":
         return "custom"
     fits = [(len(r.get("train", {})), name) for name, r in recipes.items()
-            if all(params.get(k) == str(v) for k, v in r.get("train", {}).items())]
+            if all(params.get(k) == str(coerce_value("train", k, v))
+                   for k, v in r.get("train", {}).items())]
     return max(fits)[1] if fits else "custom"
 
 
@@ -70,7 +76,10 @@ def set_flags(recipe: dict[str, Any]) -> list[str]:
 
 
 def main() -> None:
-    print(" ".join(set_flags(load_recipe(sys.argv[1]))))
+    parser = argparse.ArgumentParser(prog="python -m mnist_pipeline.recipes",
+                                     description="Print the `dvc exp run -S` flags of a recipe.")
+    parser.add_argument("recipe", type=Path, help="a recipe file, e.g. recipes/reference.yaml")
+    print(" ".join(set_flags(load_recipe(parser.parse_args().recipe))))
 
 
 if __name__ == "__main__":
