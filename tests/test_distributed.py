@@ -320,3 +320,11 @@ def test_two_machines_as_documented_on_loopback(ddp_pipeline):
     assert (repo / "models" / "model.pt").read_bytes() == straight
     info = json.loads((repo / "models" / "run.json").read_text())
     assert _client(repo).get_run(info["run_id"]).data.tags["world_size"] == "2"
+
+
+def test_torchrun_options_with_an_unclosed_quote_are_one_message():
+    from mnist_pipeline.distributed import torchrun_command
+
+    assert torchrun_command(2, "", ["train.py"])[1:3] == ["--standalone", "--nproc-per-node=2"]
+    with pytest.raises(PipelineError, match="MNIST_TORCHRUN_ARGS '--nnodes=2 \"abc'"):
+        torchrun_command(2, '--nnodes=2 "abc', ["train.py"])

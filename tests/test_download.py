@@ -159,3 +159,20 @@ def test_stage_reports_unreachable_mirror_in_one_message(tmp_path):
     assert done.stderr.startswith("error: could not get a verified copy of")
     assert "Traceback" not in done.stderr and "MNIST_MIRROR" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_is_replaced_whole_or_not_at_all(tmp_path):
+    from mnist_pipeline.io import atomic_dir
+
+    target = tmp_path / "raw"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "new.txt").write_text("half")
+        raise RuntimeError("killed mid-download")
+    assert [p.name for p in tmp_path.iterdir()] == ["raw"]  # the old folder, nothing beside
+    assert [p.name for p in target.iterdir()] == ["old.txt"]
+    with atomic_dir(target) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["raw"]
+    assert [p.name for p in target.iterdir()] == ["new.txt"]

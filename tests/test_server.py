@@ -288,3 +288,13 @@ def test_a_refused_query_stops_the_start_up_wait_with_the_servers_answer():
     port = url.rsplit(":", 1)[1]
     assert seen and all(host == f"127.0.0.1:{port}" and auth.startswith("Basic ")
                         for host, auth in seen)
+
+
+@pytest.mark.parametrize("option", ["--port", "--postgres-port"])
+def test_a_port_out_of_range_is_refused_before_anything_is_made(tmp_path, option):
+    from .conftest import CLI
+
+    done = subprocess.run([CLI, "server", "start", "--dir", str(tmp_path / "srv"), option,
+                           "99999"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "expected a port number 1-65535" in done.stderr
+    assert not (tmp_path / "srv").exists()

@@ -277,6 +277,12 @@ def _add_migrate(sub: Any) -> None:
                    help="the store to copy: sqlite:///path/to/mlruns/mlflow.db")
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {text!r}")
+    return int(text)
+
+
 def _add_server(sub: Any) -> None:
     help_text = ("Start, check or stop the shared MLflow tracking server (PostgreSQL store, "
                  "basic authentication, proxied artifacts).")
@@ -288,10 +294,10 @@ def _add_server(sub: Any) -> None:
                    help="the server's folder (default: the project's .tracking/)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (0.0.0.0: every interface, with --allowed-hosts)")
-    p.add_argument("--port", type=int, default=5000, help="MLflow's port (default 5000)")
+    p.add_argument("--port", type=_port, default=5000, help="MLflow's port (default 5000)")
     p.add_argument("--allowed-hosts", metavar="NAMES",
                    help="comma-separated host names clients use to reach this machine")
-    p.add_argument("--postgres-port", type=int,
+    p.add_argument("--postgres-port", type=_port,
                    help="PostgreSQL's port on 127.0.0.1, fixed on first start (default 5433, "
                         "else a free one)")
     p.add_argument("--workers", type=int, default=4,

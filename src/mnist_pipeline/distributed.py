@@ -202,8 +202,11 @@ def torchrun_command(nproc: int, launch_args: str, argv: Sequence[str]) -> list[
     """The torchrun command that runs this script (`argv`) in `nproc` processes per machine;
     `launch_args` are torchrun's own options (default --standalone: one machine)."""
     runner = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
-    return [runner, *(shlex.split(launch_args) or ["--standalone"]),
-            f"--nproc-per-node={nproc}", *argv]
+    try:
+        options = shlex.split(launch_args) or ["--standalone"]
+    except ValueError as exc:  # an unclosed quote
+        raise PipelineError(f"MNIST_TORCHRUN_ARGS {launch_args!r}: {exc}") from None
+    return [runner, *options, f"--nproc-per-node={nproc}", *argv]
 
 
 def plan_torchrun(nproc: int, device: torch.device, backend: str, batch_size: int,

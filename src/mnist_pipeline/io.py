@@ -84,18 +84,27 @@ def read_json(path: str | Path, keys: tuple[str, ...] = ()) -> Any:
 
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary directory; it replaces `target` only if the block succeeds."""
+    """Yield an empty temporary directory; it replaces `target` only if the block succeeds.
+    The old `target` is renamed aside first and deleted last, so that the moment without
+    either is two renames long, not a whole deletion."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    old = tmp.with_suffix(".old")
     try:
         yield tmp
         if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+            os.replace(target, old)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if old.exists():
+                os.replace(old, target)
+            raise
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in (tmp, old):
+            if leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def save_png(image: Any, target: str | Path) -> None:

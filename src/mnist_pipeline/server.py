@@ -32,6 +32,7 @@ from pathlib import Path
 
 from . import postgres
 from .errors import PipelineError
+from .io import write_text
 from .processes import free_port, log_tail, pid_alive, port_free, read_pid, write_private
 
 DEFAULT_DIR = ".tracking"
@@ -138,7 +139,7 @@ def read_state(paths: ServerPaths) -> dict:
 
 
 def write_state(paths: ServerPaths, **values: object) -> None:
-    paths.state.write_text(json.dumps({**read_state(paths), **values}, indent=2) + "\n")
+    write_text(paths.state, json.dumps({**read_state(paths), **values}, indent=2) + "\n")
 
 
 # --- waiting for the MLflow server -------------------------------------------------------
