@@ -135,12 +135,14 @@ def test_a_model_uri_that_cannot_be_loaded_is_one_message(tmp_path):
             load_pyfunc(uri)
 
 
-def test_an_alias_mlflow_reserves_is_refused_before_the_store_is_opened(tmp_path):
+def test_names_mlflow_would_refuse_are_refused_before_the_store_is_opened(tmp_path):
     for command in (["promote", "--alias", "latest"], ["rollback", "--alias", "v2"],
-                    ["promote", "--alias", "my alias"]):
+                    ["promote", "--alias", "my alias"],
+                    ["ensemble", "--versions", "1", "2", "--ensemble-name", "a.b"]):
         done = subprocess.run([CLI, *command], capture_output=True, text=True, timeout=120,
                               cwd=tmp_path, env={k: v for k, v in os.environ.items()
                                                  if not k.startswith(("MLFLOW_", "DVC_"))})
+        named = "--ensemble-name" if "--ensemble-name" in command else "alias"
         assert done.returncode == 1 and done.stderr.startswith(
-            f"error: alias {command[-1]!r}: "), done.stderr
+            f"error: {named} {command[-1]!r}: "), done.stderr
         assert "Traceback" not in done.stderr

@@ -31,7 +31,7 @@ from typing import Any
 from . import registry
 from .errors import PipelineError, run_stage
 from .io import read_json, repo_root
-from .params import SECTIONS, alias_problem, load_params
+from .params import SECTIONS, alias_problem, load_params, name_problem
 from .tracking import git_state, resolve_tracking, sqlite_file, store_client
 
 
@@ -195,11 +195,13 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     tune_cpu_allocator()  # faster CPU inference (the test-set scoring), same numbers
 
     batch_size = _params(args, "evaluate").batch_size
+    target = args.ensemble_name or f"{args.name}-ensemble"
+    if name_problem(target):
+        raise PipelineError(f"--ensemble-name {target!r}: {name_problem(target)}")
     uri, artifacts = resolve_tracking(os.environ, Path.cwd())
     client = _client(args)
     versions = args.versions or registry.versions_of_experiments(client, args.name,
                                                                   args.experiments)
-    target = args.ensemble_name or f"{args.name}-ensemble"
     result = build_ensemble(MlflowTracker(uri, target, artifacts), args.name, versions,
                             target, _in_project(args.raw), batch_size)
     members = ", ".join(f"v{v} {_percent(a)}" for v, a in zip(versions,

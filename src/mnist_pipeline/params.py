@@ -35,6 +35,11 @@ def _choice(*choices: str) -> dict:
 _NAME = {"pattern": r"[\w-]+", "what": "a name of letters, digits, _ and -"}
 
 
+def name_problem(name: str) -> str | None:
+    """Why MLflow would refuse `name` for a registered (and logged) model, or None."""
+    return None if re.fullmatch(_NAME["pattern"], name) else f"expected {_NAME['what']}"
+
+
 def alias_problem(alias: str) -> str | None:
     """Why MLflow would refuse `alias` as a registered model's alias, or None."""
     if not re.fullmatch(r"[\w-]+", alias):
