@@ -88,7 +88,7 @@ def test_rollback_and_history(promotions, client, run_info):
 @pytest.mark.parametrize("step, message", [
     ("unknown_version", "has no version 99"),
     ("unknown_run", "registered no version"),
-    ("unknown_model", "no registered model named 'no-such-model'"),
+    ("unknown_model", "no registered model named 'no-such-model' in sqlite:///"),
 ])
 def test_bad_names_give_clear_errors(promotions, step, message):
     done = promotions[step]
@@ -113,7 +113,8 @@ def digit_files(tmp_path_factory):
             expected.append(int(label))
     (folder / "empty.png").write_bytes(b"")
     (folder / "notes.txt").write_text("not an image")
-    return files, expected, [folder / "empty.png", folder / "notes.txt"]
+    Image.new("L", (28, 28), 255).save(folder / "blank.png")  # no digit: none is made up
+    return files, expected, [folder / "empty.png", folder / "notes.txt", folder / "blank.png"]
 
 
 def test_predict_real_digits_and_report_bad_files(pipeline, promotions, digit_files):
@@ -129,8 +130,12 @@ def test_predict_real_digits_and_report_bad_files(pipeline, promotions, digit_fi
     assert sum(p == e for p, e in zip(predicted, expected, strict=True)) >= len(files) - 1
     assert all(0.0 < r["probability"] <= 1.0 for r in good)
     assert all("error" in r and r["file"] in r["error"] for r in errors)
+    assert "no digit found" in errors[-1]["error"]
     plain = run([CLI, "predict", str(files[0])], repo, env).stdout
     assert plain.startswith(f"{files[0]}: {expected[0]} (")
+    text = run([CLI, "predict", str(bad[-1])], repo, env, check=False).stdout
+    assert text == f"{bad[-1]}: error: no digit found (the image is blank: nothing stands " \
+        "out from its background)\n"  # the file named once
 
 
 def _popen(cmd: list[str], repo: Path, env: dict[str, str]) -> subprocess.Popen:

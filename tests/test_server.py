@@ -238,12 +238,13 @@ def test_options_that_differ_from_the_running_servers_are_refused(tmp_path):
         in str(refused.value) and "mnist-pipeline server stop" in str(refused.value)
 
 
-def test_the_stop_command_names_the_folder_unless_it_is_the_default(tmp_path):
+def test_the_server_commands_name_the_folder_unless_it_is_the_default(tmp_path):
     default = tmp_path / ".tracking"
-    assert server.stop_command(default, default) == "mnist-pipeline server stop"
-    assert server.stop_command(tmp_path / "my dir", default) == (
+    assert server.server_command("stop", default, default) == "mnist-pipeline server stop"
+    assert server.server_command("stop", tmp_path / "my dir", default) == (
         f"mnist-pipeline server stop --dir '{tmp_path / 'my dir'}'")
-    assert server.stop_command(default) == f"mnist-pipeline server stop --dir {default}"
+    assert server.server_command("stop", default) == f"mnist-pipeline server stop --dir {default}"
+    assert server.server_command("start", default, default) == "mnist-pipeline server start"
 
 
 def test_start_up_waits_until_every_query_answers_promptly(monkeypatch, tmp_path):
@@ -298,3 +299,74 @@ def test_a_port_out_of_range_is_refused_before_anything_is_made(tmp_path, option
                            "99999"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "expected a port number 1-65535" in done.stderr
     assert not (tmp_path / "srv").exists()
+
+
+def test_a_reused_pid_is_not_taken_for_the_server(tmp_path):
+    """After a reboot or a long time, the PID in a PID file may belong to another process,
+    even one whose command line says mlflow or postgres (`tail -f .tracking/mlflow.log`):
+    `server status` must not call it running, nor `server stop` kill it."""
+    from mnist_pipeline import postgres
+    from mnist_pipeline.processes import read_pid, start_ticks, write_pid
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                              "mlflow.log", "postgres"])
+    try:
+        pid_file = tmp_path / "mlflow.pid"
+        write_pid(pid_file, other.pid)  # as `server start` records it
+        assert read_pid(pid_file, "mlflow") == other.pid
+        pid_file.write_text(f"{other.pid}\n{int(start_ticks(other.pid)) - 100}\n")  # reused
+        assert read_pid(pid_file, "mlflow") is None and not pid_file.exists()
+        pid_file.write_text(f"{other.pid}\n")  # a file without a start time: the command line
+        assert read_pid(pid_file, "mlflow") == other.pid
+
+        cluster = postgres.Cluster(tmp_path / "postgres", tmp_path / "postgres.log")
+        cluster.data.mkdir(parents=True)
+        (cluster.data / "postmaster.pid").write_text(f"{other.pid}\n{cluster.data}\n")
+        assert postgres.running_pid(cluster) is None  # a process named postgres, not its -D
+        started = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                                    "postgres", "-D", str(cluster.data)])
+        try:  # as pg_ctl starts it: `.../postgres -D <folder> ...`
+            (cluster.data / "postmaster.pid").write_text(f"{started.pid}\n{cluster.data}\n")
+            assert postgres.running_pid(cluster) == started.pid
+        finally:
+            started.kill()
+            started.wait()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_start_that_cannot_begin_says_why_and_changes_nothing(tmp_path):
+    import socket
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for root in (a_file, a_file / "sub"):
+        with pytest.raises(server.ServerError, match="cannot make the server's folder"):
+            server.start(root, port=free_port())
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(server.ServerError, match="is in use by another program"):
+            server.start(tmp_path / "new", port=taken.getsockname()[1])
+    assert not (tmp_path / "new").exists()  # checked before anything is made
+
+    if os.geteuid() == 0:  # root hands postgres/ to the user postgres, who must pass through
+        closed = tmp_path / "closed"
+        closed.mkdir(mode=0o700)
+        closed.chmod(0o700)
+        with pytest.raises(server.ServerError, match="chmod o\\+x"):
+            server.start(closed, port=free_port())
+        assert stat.S_IMODE(closed.stat().st_mode) == 0o700 and not any(closed.iterdir())
+
+
+def test_damaged_server_files_are_one_message(tmp_path):
+    (tmp_path / "server.json").write_text("{not json")
+    with pytest.raises(server.ServerError, match="server.json is damaged"):
+        server.status(tmp_path)
+    (tmp_path / "server.json").write_text("[]")
+    with pytest.raises(server.ServerError, match="server.json is damaged"):
+        server.status(tmp_path)
+    (tmp_path / "credentials.json").write_text('{"db_password": "x"}')
+    with pytest.raises(server.ServerError, match="credentials.json is damaged"):
+        server.load_credentials(server.ServerPaths(tmp_path))

@@ -179,11 +179,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(row), flush=True)
         elif "error" in row:
-            print(f"{row['file']}: error: {row['error']}", flush=True)
+            reason = row["error"].removeprefix(f"{row['file']}: ")
+            print(f"{row['file']}: error: {reason}", flush=True)
         else:
             print(f"{row['file']}: {row['digit']} ({row['probability']:.1%})", flush=True)
     if failed:
-        print(f"{failed} of {len(args.images)} file(s) could not be read", file=sys.stderr)
+        print(f"{failed} of {len(args.images)} file(s) gave no prediction (see above)",
+              file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -249,6 +251,8 @@ def cmd_server(args: argparse.Namespace) -> int:
     if args.action == "status":
         lines, up = server.status_report(root)
         print("\n".join(lines))
+        if not up:
+            print(f"Start it: {server.server_command('start', root, default_root)}")
         return 0 if up else 3
     hosts = [h.strip() for h in (args.allowed_hosts or "").split(",") if h.strip()]
     found, already = server.start(root, args.host, args.port, hosts, args.postgres_port,

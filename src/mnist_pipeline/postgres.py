@@ -110,7 +110,9 @@ def initialised(cluster: Cluster) -> bool:
 
 def running_pid(cluster: Cluster) -> int | None:
     """The PID of the cluster's running server, if one runs."""
-    return read_pid(cluster.data / "postmaster.pid", "postgres")
+    # postmaster.pid's second line is the data folder, not a start time: the process is
+    # recognised by its command line, `postgres -D <this cluster's folder>`, as pg_ctl starts it
+    return read_pid(cluster.data / "postmaster.pid", f"postgres\0-D\0{cluster.data}\0")
 
 
 def start(cluster: Cluster) -> None:

@@ -28,7 +28,11 @@ def predict_files(model_uri: str, paths: Sequence[Path]) -> Iterator[dict[str, A
         pixels = []
         for path in chunk:
             try:
-                pixels.append(to_mnist(load_image(path)))
+                digit = to_mnist(load_image(path))
+                if not digit.any():  # a model would still name a digit, often confidently
+                    raise ImageError(f"{path}: no digit found (the image is blank: nothing "
+                                     "stands out from its background)")
+                pixels.append(digit)
                 rows.append({"file": str(path)})
             except ImageError as exc:
                 rows.append({"file": str(path), "error": str(exc)})

@@ -41,15 +41,34 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def read_pid(path: Path, expect: str) -> int | None:
-    """The PID in `path` if that process is alive and its command line names `expect`; a
-    stale file (dead or reused PID) is removed."""
+def start_ticks(pid: int) -> str | None:
+    """When process `pid` started, in clock ticks since boot: fixed for the process's life and
+    unlike any later process's with the same PID (None where /proc cannot say)."""
     try:
-        pid = int(path.read_text().split()[0])
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def write_pid(path: Path, pid: int) -> None:
+    """Record `pid` and when it started, so that a process that later gets the same PID is not
+    taken for it."""
+    path.write_text(f"{pid}\n{start_ticks(pid) or ''}\n")
+
+
+def read_pid(path: Path, expect: str) -> int | None:
+    """The PID on the first line of `path` if that process is alive, its command line holds
+    `expect` and it started when the second line says (where the file says); a stale file
+    (dead or reused PID) is removed."""
+    try:
+        lines = path.read_text().splitlines()
+        pid = int(lines[0].split()[0])
     except (OSError, ValueError, IndexError):
         return None
     cmdline = Path(f"/proc/{pid}/cmdline")
     ours = expect.encode() in cmdline.read_bytes() if cmdline.exists() else True
+    if len(lines) > 1 and lines[1].strip().isdigit() and start_ticks(pid) is not None:
+        ours = ours and lines[1].strip() == start_ticks(pid)
     if pid_alive(pid) and ours:
         return pid
     path.unlink(missing_ok=True)

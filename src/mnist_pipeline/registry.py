@@ -161,7 +161,10 @@ def _registered(client: Any, name: str) -> Any:
     try:
         return client.get_registered_model(name)
     except MlflowException:
-        raise RegistryError(f"no registered model named {name!r} in this store") from None
+        store = getattr(client, "tracking_uri", None) or "this store"
+        raise RegistryError(f"no registered model named {name!r} in {store}: train one there "
+                            "(dvc repro), or copy another store's runs and models into it "
+                            "(mnist-pipeline migrate --from URI)") from None
 
 
 def check_run_info(client: Any, info: dict[str, Any], store: str, what: str) -> None:

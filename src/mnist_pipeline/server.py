@@ -33,7 +33,15 @@ from pathlib import Path
 from . import postgres
 from .errors import PipelineError
 from .io import write_text
-from .processes import free_port, log_tail, pid_alive, port_free, read_pid, write_private
+from .processes import (
+    free_port,
+    log_tail,
+    pid_alive,
+    port_free,
+    read_pid,
+    write_pid,
+    write_private,
+)
 
 DEFAULT_DIR = ".tracking"
 DEFAULT_POSTGRES_PORT = 5433
@@ -126,7 +134,11 @@ class Server:
 def load_credentials(paths: ServerPaths) -> Credentials:
     """The folder's secrets, generated and stored (0600) on first use."""
     if paths.credentials.is_file():
-        return Credentials(**json.loads(paths.credentials.read_text()))
+        try:
+            return Credentials(**json.loads(paths.credentials.read_text()))
+        except (ValueError, TypeError) as exc:  # not JSON, or not the fields written
+            raise ServerError(f"{paths.credentials} is damaged ({exc}): restore it, or stop the "
+                              "server and start anew with another --dir") from None
     creds = Credentials(db_password=secrets.token_urlsafe(24),
                         admin_password=secrets.token_urlsafe(18),
                         flask_secret=secrets.token_hex(32))
@@ -135,7 +147,17 @@ def load_credentials(paths: ServerPaths) -> Credentials:
 
 
 def read_state(paths: ServerPaths) -> dict:
-    return json.loads(paths.state.read_text()) if paths.state.is_file() else {}
+    if not paths.state.is_file():
+        return {}
+    try:
+        state = json.loads(paths.state.read_text())
+    except ValueError as exc:
+        state = exc
+    if not isinstance(state, dict):
+        raise ServerError(f"{paths.state} is damaged ({state}): restore it, or delete it and "
+                          "write the PostgreSQL port set in postgres/postgresql.conf there "
+                          "as {\"postgres_port\": PORT}")
+    return state
 
 
 def write_state(paths: ServerPaths, **values: object) -> None:
@@ -272,7 +294,7 @@ def start_mlflow(paths: ServerPaths, creds: Credentials, pg_port: int, host: str
                                 cwd=paths.root, env=mlflow_env(paths, creds, pg_port),
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True)
-    paths.mlflow_pid.write_text(f"{proc.pid}\n")
+    write_pid(paths.mlflow_pid, proc.pid)
     try:
         wait_healthy(local_url(host, port), proc.pid, paths.mlflow_log)
         warm_up(local_url(host, port), creds, workers, proc.pid, paths.mlflow_log)
@@ -320,8 +342,8 @@ def running(paths: ServerPaths) -> Server | None:
         return None
     if not healthy(local_url(state["host"], state["port"])):
         raise ServerError(f"the MLflow server of {paths.root} (pid {pid}) is running but does "
-                          "not answer; see "
-                          f"{paths.mlflow_log}, or stop it: {stop_command(paths.root)}")
+                          f"not answer; see {paths.mlflow_log}, or stop it: "
+                          f"{server_command('stop', paths.root)}")
     return describe(paths, load_credentials(paths), pid)
 
 
@@ -333,7 +355,7 @@ def check_unchanged(paths: ServerPaths, asked: dict[str, object]) -> None:
     if changed:
         raise ServerError(f"the server of {paths.root} already runs with "
                           f"{'; '.join(changed)}: to change that, stop it first "
-                          f"({stop_command(paths.root)})")
+                          f"({server_command('stop', paths.root)})")
 
 
 def _option(value: object) -> str:
@@ -353,9 +375,20 @@ def start(root: Path, host: str = "127.0.0.1", port: int = 5000,
             asked["postgres_port"] = postgres_port
         check_unchanged(paths, asked)
         return found, True
-    paths.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if os.geteuid() == 0:
+    if not port_free(host, port):  # before anything is made (checked again at the launch)
+        raise ServerError(f"port {port} on {host} is in use by another program: choose "
+                          "another with --port")
+    made = not paths.root.exists()
+    try:
+        paths.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ServerError(f"cannot make the server's folder {paths.root}: {exc.strerror}: "
+                          "choose another --dir") from None
+    if os.geteuid() == 0 and made:
         paths.root.chmod(0o711)  # the user postgres walks through to postgres/
+    elif os.geteuid() == 0 and not paths.root.stat().st_mode & 0o001:
+        raise ServerError(f"{paths.root} must let the user postgres pass through to its "
+                          f"postgres/ folder: chmod o+x {paths.root}, or choose a new --dir")
     creds = load_credentials(paths)
     if not postgres.initialised(paths.cluster):
         if paths.pgdata.exists():
@@ -417,12 +450,13 @@ def status_report(root: Path) -> tuple[list[str], bool]:
         state["healthy"] and state["postgres_pid"])
 
 
-def stop_command(root: Path, default: Path | None = None) -> str:
-    """The command that stops the server of `root`: with --dir unless `root` is `default`,
-    the folder that a plain `server stop` would take (always with it when no default is
-    given, as in the refusals, which do not know it)."""
+def server_command(action: str, root: Path, default: Path | None = None) -> str:
+    """The command that starts, stops... (`action`) the server of `root`: with --dir unless
+    `root` is `default`, the folder that a plain `server <action>` would take (always with it
+    when no default is given, as in the refusals, which do not know it)."""
     same = default is not None and root.resolve() == default.resolve()
-    return "mnist-pipeline server stop" + ("" if same else f" --dir {shlex.quote(str(root))}")
+    return f"mnist-pipeline server {action}" + (
+        "" if same else f" --dir {shlex.quote(str(root))}")
 
 
 def start_report(found: Server, already: bool, default_root: Path | None = None) -> str:
@@ -434,4 +468,4 @@ def start_report(found: Server, already: bool, default_root: Path | None = None)
             f"  (exports MLFLOW_TRACKING_URI={found.uri} MLFLOW_TRACKING_USERNAME="
             f"{found.username} and MLFLOW_TRACKING_PASSWORD, which is also in "
             f"{found.data_dir / 'credentials.json'})\n"
-            f"Stop it: {stop_command(found.data_dir, default_root)}")
+            f"Stop it: {server_command('stop', found.data_dir, default_root)}")
