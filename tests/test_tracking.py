@@ -38,6 +38,10 @@ def test_the_store_is_the_dvc_repositorys_from_any_folder_inside_it(tmp_path):
 def test_environment_overrides_the_store(tmp_path):
     assert resolve_tracking({"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}, tmp_path) == (
         "http://127.0.0.1:5000", None)
+    # a SQLite store's artifacts go beside its database, wherever the command runs
+    for uri in (f"sqlite:///{tmp_path}/team/mlflow.db", "sqlite:///team/mlflow.db"):
+        assert resolve_tracking({"MLFLOW_TRACKING_URI": uri}, tmp_path) == (
+            uri, (tmp_path.resolve() / "team" / "artifacts").as_uri())
 
 
 def test_null_tracker_accepts_everything():

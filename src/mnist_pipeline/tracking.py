@@ -31,8 +31,12 @@ class TrackingError(PipelineError):
 
 
 def resolve_tracking(env: Mapping[str, str], cwd: str | Path) -> tuple[str, str | None]:
-    """(tracking URI, artifact location for new experiments or None for the server's own)."""
+    """(tracking URI, artifact location for new experiments or None for the server's own).
+    A SQLite store keeps its artifacts beside its database, in artifacts/, as the default
+    store does (MLflow's own default is ./mlruns of whatever folder a command runs in)."""
     uri = env.get("MLFLOW_TRACKING_URI", "").strip()
+    if uri and (database := sqlite_file(uri)) is not None:
+        return uri, ((Path(cwd) / database).resolve().parent / "artifacts").as_uri()
     if uri:
         return uri, None
     store = repo_root(env, cwd) / DEFAULT_STORE_DIR
