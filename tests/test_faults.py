@@ -40,6 +40,7 @@ def test_server_lost_mid_run_then_back(inputs, tmp_path):  # noqa: F811
 
     store, out = tmp_path / "store", tmp_path / "out"
     store.mkdir(), out.mkdir()
+    (out / "run.json").write_text('{"run_id": "an earlier run"}')  # run by hand, not by dvc
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     env = clean_env(MLFLOW_TRACKING_URI=uri)

@@ -259,7 +259,11 @@ def publish(
     outputs: TrainOutputs, history: list[dict[str, float]], duration: float,
     print_fn: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Write the weights, history and metrics; log and register the model (when tracked)."""
+    """Write the weights, history and metrics; log and register the model (when tracked).
+    An earlier run's metrics and run record go first: if registering fails, no record of
+    another version stands beside these weights (`dvc repro` deletes them anyway)."""
+    for stale in (outputs.metrics, outputs.run_info):
+        stale.unlink(missing_ok=True)
     net = plain_batchnorm(final_model(state), MnistCNN)
     save_weights(net, outputs.weights)
     last = history[-1]
