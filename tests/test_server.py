@@ -77,7 +77,7 @@ def test_command_starts_finds_and_stops_the_server(monkeypatch):
         password = json.loads(secrets.read_text())["admin_password"]
         assert len(password) >= 12
         assert password not in first.stdout
-        mlflow_pid = int((folder / "mlflow.pid").read_text())
+        mlflow_pid = int((folder / "mlflow.pid").read_text().split()[0])
         postgres_pid = int((folder / "postgres" / "postmaster.pid").read_text().split()[0])
 
         again = run([CLI, "server", "start", *args], base, env, timeout=60)
@@ -308,8 +308,15 @@ def test_a_reused_pid_is_not_taken_for_the_server(tmp_path):
     from mnist_pipeline import postgres
     from mnist_pipeline.processes import read_pid, start_ticks, write_pid
 
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
-                              "mlflow.log", "postgres"])
+    def sleeper(*args: str) -> subprocess.Popen:
+        """A process with `args` on its command line, once /proc shows them (just after an
+        exec, the kernel may not have set them up yet)."""
+        proc = subprocess.Popen([sys.executable, "-c", "print(flush=True); import time; "
+                                 "time.sleep(60)", *args], stdout=subprocess.PIPE)
+        proc.stdout.readline()
+        return proc
+
+    other = sleeper("mlflow.log", "postgres")
     try:
         pid_file = tmp_path / "mlflow.pid"
         write_pid(pid_file, other.pid)  # as `server start` records it
@@ -323,8 +330,7 @@ def test_a_reused_pid_is_not_taken_for_the_server(tmp_path):
         cluster.data.mkdir(parents=True)
         (cluster.data / "postmaster.pid").write_text(f"{other.pid}\n{cluster.data}\n")
         assert postgres.running_pid(cluster) is None  # a process named postgres, not its -D
-        started = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
-                                    "postgres", "-D", str(cluster.data)])
+        started = sleeper("postgres", "-D", str(cluster.data))
         try:  # as pg_ctl starts it: `.../postgres -D <folder> ...`
             (cluster.data / "postmaster.pid").write_text(f"{started.pid}\n{cluster.data}\n")
             assert postgres.running_pid(cluster) == started.pid
