@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -447,19 +446,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="a Markdown file whose accuracy table to replace (README.md)")
     args = parser.parse_args(argv)
     sys.stdout.write(report(args.results))
-    accuracy = load("accuracy.json", args.results)
-    if args.readme is not None and accuracy:
+    accuracy = load("accuracy.json", args.results) if args.readme is not None else None
+    if accuracy:
+        from mnist_pipeline.io import write_text  # whole or not at all
+
         try:
             updated = with_accuracy_table(args.readme.read_text(), accuracy_table(accuracy))
         except (OSError, ValueError) as exc:
             print(f"error: {args.readme}: {exc}", file=sys.stderr)
             return 1
-        partial = args.readme.with_name(f".{args.readme.name}.partial")
-        try:
-            partial.write_text(updated)
-            os.replace(partial, args.readme)
-        finally:
-            partial.unlink(missing_ok=True)
+        write_text(args.readme, updated)
     return 0
 
 
