@@ -67,8 +67,9 @@ def read_pid(path: Path, expect: str) -> int | None:
         return None
     cmdline = Path(f"/proc/{pid}/cmdline")
     ours = expect.encode() in cmdline.read_bytes() if cmdline.exists() else True
-    if len(lines) > 1 and lines[1].strip().isdigit() and start_ticks(pid) is not None:
-        ours = ours and lines[1].strip() == start_ticks(pid)
+    recorded, started = lines[1].strip() if len(lines) > 1 else "", start_ticks(pid)
+    if recorded.isdigit() and started is not None:
+        ours = ours and recorded == started
     if pid_alive(pid) and ours:
         return pid
     path.unlink(missing_ok=True)

@@ -281,13 +281,17 @@ def local_url(host: str, port: int) -> str:
     return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
 
 
+def check_port(host: str, port: int) -> None:
+    if not port_free(host, port):
+        raise ServerError(f"port {port} on {host} is in use by another program: choose "
+                          "another with --port")
+
+
 def start_mlflow(paths: ServerPaths, creds: Credentials, pg_port: int, host: str, port: int,
                  allowed_hosts: list[str], workers: int) -> int:
     """Start `mlflow server` in its own session, logging to mlflow.log; wait until it
     answers /health, then logged-in queries promptly (`warm_up`)."""
-    if not port_free(host, port):
-        raise ServerError(f"port {port} on {host} is in use by another program: choose "
-                          "another with --port")
+    check_port(host, port)  # again: another program may have taken it since start() did
     with open(os.open(paths.mlflow_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
               "ab") as log:
         proc = subprocess.Popen(mlflow_command(paths, host, port, allowed_hosts, workers),
@@ -375,9 +379,7 @@ def start(root: Path, host: str = "127.0.0.1", port: int = 5000,
             asked["postgres_port"] = postgres_port
         check_unchanged(paths, asked)
         return found, True
-    if not port_free(host, port):  # before anything is made (checked again at the launch)
-        raise ServerError(f"port {port} on {host} is in use by another program: choose "
-                          "another with --port")
+    check_port(host, port)  # before anything is made
     made = not paths.root.exists()
     try:
         paths.root.mkdir(mode=0o700, parents=True, exist_ok=True)
