@@ -49,11 +49,10 @@ def _client(args: argparse.Namespace) -> Any:
     return store_client(uri)
 
 
-def _alias(alias: str) -> str:
-    problem = alias_problem(alias)
+def _check_name(what: str, value: str, problem: str | None) -> None:
+    """Refuse `value` (an alias, a model name) that MLflow would refuse, for `problem`."""
     if problem:
-        raise PipelineError(f"alias {alias!r}: {problem}")
-    return alias
+        raise PipelineError(f"{what} {value!r}: {problem}")
 
 
 def _provenance() -> dict[str, str]:
@@ -80,7 +79,8 @@ def _candidate(client: Any, args: argparse.Namespace, name: str) -> Any:
 
 def cmd_promote(args: argparse.Namespace) -> int:
     params = _params(args, "promote")
-    alias = _alias(args.alias or params.alias)
+    alias = args.alias or params.alias
+    _check_name("alias", alias, alias_problem(alias))
     client = _client(args)
     version = _candidate(client, args, args.name)
     current = registry.champion(client, args.name, alias)
@@ -115,7 +115,8 @@ def better_note(candidate: int, better: list[tuple[int, float]], holder: int | N
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    alias = _alias(args.alias or _params(args, "promote").alias)
+    alias = args.alias or _params(args, "promote").alias
+    _check_name("alias", alias, alias_problem(alias))
     entry = registry.rollback(_client(args), args.name, alias, _provenance(), args.reason or "")
     print(f"{args.name}@{alias} rolled back from version {entry['previous']} "
           f"to version {entry['version']}")
@@ -198,8 +199,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
     batch_size = _params(args, "evaluate").batch_size
     target = args.ensemble_name or f"{args.name}-ensemble"
-    if name_problem(target):
-        raise PipelineError(f"--ensemble-name {target!r}: {name_problem(target)}")
+    _check_name("--ensemble-name", target, name_problem(target))
     uri, artifacts = resolve_tracking(os.environ, Path.cwd())
     client = _client(args)
     versions = args.versions or registry.versions_of_experiments(client, args.name,

@@ -42,7 +42,7 @@ def name_problem(name: str) -> str | None:
 
 def alias_problem(alias: str) -> str | None:
     """Why MLflow would refuse `alias` as a registered model's alias, or None."""
-    if not re.fullmatch(r"[\w-]+", alias):
+    if not re.fullmatch(_NAME["pattern"], alias):
         return "expected letters, digits, _ and -"
     if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
         return "'latest' and v<N> name versions in MLflow, not aliases"
