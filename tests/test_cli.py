@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import CLI, ROOT
+from .conftest import CLI, ROOT, clean_env
 
 
 def test_registry_commands_start_without_torch():
@@ -140,8 +140,7 @@ def test_names_mlflow_would_refuse_are_refused_before_the_store_is_opened(tmp_pa
                     ["promote", "--alias", "my alias"],
                     ["ensemble", "--versions", "1", "2", "--ensemble-name", "a.b"]):
         done = subprocess.run([CLI, *command], capture_output=True, text=True, timeout=120,
-                              cwd=tmp_path, env={k: v for k, v in os.environ.items()
-                                                 if not k.startswith(("MLFLOW_", "DVC_"))})
+                              cwd=tmp_path, env=clean_env())
         named = "--ensemble-name" if "--ensemble-name" in command else "alias"
         assert done.returncode == 1 and done.stderr.startswith(
             f"error: {named} {command[-1]!r}: "), done.stderr

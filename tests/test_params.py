@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import yaml
@@ -185,6 +186,20 @@ def test_params_are_frozen():
         TrainParams().lr = 1.0  # type: ignore[misc]
 
 
+def _run_stage(stage: str, params: Path, cwd: Path, given: str = "x"):
+    """The stage's script with `params`, its input from an earlier stage (train's stats,
+    evaluate's run record) named `given`, the other paths single letters in `cwd`."""
+    import subprocess
+    import sys
+
+    paths = {"train": ["--raw", "x", "--stats", given, "--weights", "w", "--metrics", "m",
+                       "--history", "h", "--run-info", "r"],
+             "evaluate": ["--raw", "x", "--run-info", given, "--metrics", "m", "--report", "e",
+                          "--confusion", "c", "--misclassified", "p"]}[stage]
+    return subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py"), "--params",
+                           str(params), *paths], cwd=cwd, capture_output=True, text=True)
+
+
 @pytest.mark.parametrize("stage, section, key, value, fault", [
     ("train", "train", "lr", "fast", "train.lr: expected a number > 0"),
     ("train", "train", "epochs", 0, "train.epochs: expected an integer >= 1"),
@@ -192,19 +207,10 @@ def test_params_are_frozen():
     ("evaluate", "evaluate", "batch_size", -5, "evaluate.batch_size"),
 ])
 def test_stages_refuse_bad_params_before_any_work(tmp_path, stage, section, key, value, fault):
-    import subprocess
-    import sys
-
     doc = yaml.safe_load((ROOT / "params.yaml").read_text())
     doc[section][key] = value
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc))
-    paths = {"train": ["--raw", "x", "--stats", "x", "--weights", "w", "--metrics", "m",
-                       "--history", "h", "--run-info", "r"],
-             "evaluate": ["--raw", "x", "--run-info", "r", "--metrics", "m", "--report", "e",
-                          "--confusion", "c", "--misclassified", "p"]}[stage]
-    done = subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py"), "--params",
-                           str(tmp_path / "params.yaml"), *paths], cwd=tmp_path,
-                          capture_output=True, text=True)
+    done = _run_stage(stage, tmp_path / "params.yaml", tmp_path)
     assert done.returncode == 1 and fault in done.stderr
     assert "Traceback" not in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
@@ -232,19 +238,9 @@ def test_a_recipe_with_a_bad_value_is_named_in_the_error(tmp_path):
 def test_stages_refuse_bad_input_files_before_any_work(tmp_path, stage, name, text, fault):
     """A missing, corrupt or incomplete file from an earlier stage stops the stage with one
     message naming the file, before any work: no traceback, no output."""
-    import subprocess
-    import sys
-
-    given = tmp_path / name
     if text is not None:
-        given.write_text(text)
-    paths = {"train": ["--raw", "x", "--stats", name, "--weights", "w", "--metrics", "m",
-                       "--history", "h", "--run-info", "r"],
-             "evaluate": ["--raw", "x", "--run-info", name, "--metrics", "m", "--report", "e",
-                          "--confusion", "c", "--misclassified", "p"]}[stage]
-    done = subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py"), "--params",
-                           str(ROOT / "params.yaml"), *paths], cwd=tmp_path,
-                          capture_output=True, text=True)
+        (tmp_path / name).write_text(text)
+    done = _run_stage(stage, ROOT / "params.yaml", tmp_path, given=name)
     assert done.returncode == 1 and fault in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ([name] if text is not None else [])
