@@ -100,8 +100,9 @@ accuracy-bf16: install ## The default recipe in fp32 and under bf16 autocast, 3 
 bench: install ## Time training against the reference loop, quiet and beside a busy process; profile a step
 	$(PY) bench/train_speed.py --device cpu --steps 150 --repeats 3 --variant default \
 		--variant unfused --variant plain+channels_last --variant plain --variant bf16 \
-		--variant compile --load 1 --loaded reference --loaded default --loaded unfused \
-		--loaded bf16 --convolutions --json bench/results/speed.json
+		--variant compile --variant longspin --load 1 --loaded reference --loaded default \
+		--loaded unfused --loaded bf16 --loaded longspin --convolutions \
+		--json bench/results/speed.json
 	$(PY) bench/step_profile.py --json bench/results/profile.json
 
 bench-ddp: install ## One training process against two (torchrun); write bench/results/ddp.json

@@ -50,6 +50,7 @@ ROW_NAMES = {
     "bf16": "project, bf16 autocast (`amp: bf16`)",
     "compile": "project, `torch.compile` (`compile: true`)",
     "convolutions": "the default's oneDNN convolutions alone (no training)",
+    "longspin": "project default, libgomp's long OpenMP spin (no `GOMP_SPINCOUNT`)",
 }
 # A bf16 recipe is offered only when it is this much faster than the reference loop and its
 # mean test accuracy is this close to fp32's (points of accuracy, as a fraction).
@@ -199,7 +200,21 @@ def loaded_section(speed: dict[str, Any]) -> list[str]:
     lines += ["", "Seconds of each loaded run, in the order run:", ""]
     for r in speed["loaded_rows"]:
         lines.append(f"- {r['name']}: " + ", ".join(f"{run['seconds']:.2f}" for run in r["runs"]))
-    return lines
+    return lines + spin_tradeoff(quiet, {r["name"]: r for r in speed["loaded_rows"]})
+
+
+def spin_tradeoff(quiet: dict[str, Any], loaded: dict[str, Any]) -> list[str]:
+    """What the train stage's short OpenMP spin costs on the quiet machine and saves under
+    load: the default row against the `longspin` row, both measured quiet and loaded."""
+    if not all(name in rows for name in ("default", "longspin") for rows in (quiet, loaded)):
+        return []
+    quiet_gain = quiet["default"]["images_per_second"] / quiet["longspin"]["images_per_second"]
+    loaded_gain = (loaded["default"]["images_per_second"]
+                   / loaded["longspin"]["images_per_second"])
+    return ["", f"The short spin against libgomp's long one (`longspin`): quiet, the default "
+            f"trains at {quiet_gain:.2f}x the long spin's speed; beside the busy process, at "
+            f"{loaded_gain:.2f}x (the long spin slows {loaded['longspin']['slowdown']:.2f}x "
+            f"under load, the short one {loaded['default']['slowdown']:.2f}x)."]
 
 
 def convolution_rate(profile: dict[str, Any], alone: dict[str, Any] | None) -> str:

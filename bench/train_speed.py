@@ -32,7 +32,9 @@ torchvision and numpy (no mlflow or dvc; PyYAML only for --recipe-file).
 Under `--load N`, each loaded run gets N competing processes that spin on one core each
 (`python -c` of a bounded busy loop), started just before the run's process and killed just
 after it; a loaded row's ratio is to the reference under the same load, and its slowdown is
-its loaded time over its quiet time.
+its loaded time over its quiet time. The project's rows wait at OpenMP barriers as the train
+stage makes them (a short spin, `openmp.wait_policy`); the `longspin` variant is the default
+with libgomp's own long spin instead, which shows what that choice costs and saves.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ from reference import (  # noqa: E402
     train_reference,
 )
 
+LONG_SPIN = "longspin"
 # Variant tokens -> TrainParams overrides; join tokens with '+' ("fused+channels_last").
 TOKENS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -94,6 +97,9 @@ TOKENS: dict[str, dict[str, Any]] = {
     # 2 processes under torchrun (DistributedDataParallel; gloo on the CPU, NCCL on CUDA),
     # the cores shared between them
     "ddp2": {"nproc": 2},
+    # no params: the run's OpenMP threads wait as libgomp does by default (a long spin), not
+    # as the train stage makes them (openmp.wait_policy: a short spin)
+    LONG_SPIN: {},
 }
 TARGET_ACCURACY = 0.995
 # One competing process: a busy loop on one core that ends by itself after an hour, should
@@ -176,6 +182,7 @@ def global_flags() -> dict[str, Any]:
         "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
         "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
         "threads": torch.get_num_threads(),
+        "openmp_wait": openmp.describe(os.environ),  # as libgomp read it when torch loaded
     }
 
 
@@ -376,6 +383,15 @@ def stop(processes: list[subprocess.Popen]) -> None:
         process.wait()
 
 
+def child_wait_policy(row: str, environ: dict[str, str]) -> dict[str, str]:
+    """The OpenMP wait variables a row's process adds to `environ`: the project's rows wait at
+    barriers as the train stage makes them; the reference and `longspin` rows as libgomp
+    does (unless the user set a policy: then every row keeps it)."""
+    if row == "reference" or LONG_SPIN in row.split("+"):
+        return {}
+    return openmp.wait_policy(environ)
+
+
 def run_child(args: argparse.Namespace, row: str, load: int = 0) -> dict[str, Any]:
     """One timed run in a fresh process (under torchrun for a row of several processes),
     beside `load` busy processes."""
@@ -394,8 +410,7 @@ def run_child(args: argparse.Namespace, row: str, load: int = 0) -> dict[str, An
                                              os.environ, cmd)
     else:
         cmd, env = [sys.executable, *cmd], dict(os.environ)
-    if row != "reference":  # the project's rows wait at OpenMP barriers as the train stage does
-        env.update(openmp.wait_policy(env))
+    env.update(child_wait_policy(row, env))
     busy = busy_processes(load)
     try:
         done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False, env=env)

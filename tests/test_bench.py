@@ -185,18 +185,27 @@ def test_bench_times_the_loaded_rows_beside_busy_processes_and_stops_them(tiny, 
     """--load 1: the named rows run again beside one busy process, which is running while
     they run and gone afterwards; loaded ratios are to the loaded reference."""
     raw, env = tiny
+    env = {k: v for k, v in env.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
     out = tmp_path / "out.json"
     done = run_bench(env, "--device", "cpu", "--steps", "2", "--warmup", "1", "--threads", "1",
-                     "--variant", "default", "--variant", "unfused", "--load", "1",
-                     "--loaded", "reference", "--loaded", "default", "--convolutions",
+                     "--variant", "default", "--variant", "unfused", "--variant", "longspin",
+                     "--load", "1", "--loaded", "reference", "--loaded", "default",
+                     "--loaded", "longspin", "--convolutions",
                      "--raw", str(raw), "--stats", str(tmp_path / "none.json"),
                      "--json", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
-    names = ["reference", "default", "unfused", "convolutions"]
+    names = ["reference", "default", "unfused", "longspin", "convolutions"]
     assert [r["name"] for r in report["rows"]] == names
     loaded = {r["name"]: r for r in report["loaded_rows"]}
-    assert list(loaded) == ["reference", "default"] and report["settings"]["load"] == 1
+    assert list(loaded) == ["reference", "default", "longspin"]
+    assert report["settings"]["load"] == 1
+    # the project's rows wait as the train stage makes them; longspin and the reference as
+    # libgomp does by default, quiet and loaded
+    for row in report["rows"] + report["loaded_rows"]:
+        libgomp = row["name"] in ("reference", "longspin")
+        assert {run["flags"]["openmp_wait"] for run in row["runs"]} == {
+            "libgomp default" if libgomp else "GOMP_SPINCOUNT=1000"}, row["name"]
     quiet = {r["name"]: r for r in report["rows"]}
     for name, row in loaded.items():
         assert row["load"] == 1 and row["runs"][0]["images"] == 200
@@ -212,7 +221,7 @@ def test_bench_times_the_loaded_rows_beside_busy_processes_and_stops_them(tiny, 
     convs = load_script(ROOT / "bench" / "convolutions.py")
     per_step = convs.convolution_flops(TrainParams(), torch.device("cpu"))
     assert alone["runs"][0]["flops"] == 2 * per_step  # 2 steps
-    assert list(report["speedups"]) == ["default", "unfused"]
+    assert list(report["speedups"]) == ["default", "unfused", "longspin"]
     assert "\nconvolutions " in done.stdout
 
 

@@ -70,6 +70,20 @@ def test_loaded_rows_show_quiet_and_loaded_times_slowdown_and_loaded_ratio(repor
     assert "here it trains at 0.80x the default's speed, after 41 s of warm-up steps" in text
 
 
+def test_loaded_section_weighs_the_short_spin_against_libgomps_long_one(report, tmp_path):
+    speed = _speed(3.0)
+    _write(tmp_path, speed, [0.997], [0.997])
+    assert "`longspin`" not in report.report(tmp_path)  # no longspin rows: no sentence
+    speed["rows"].append(_row("longspin", 2750, 2.75))
+    speed["loaded_rows"].append(_row("longspin", 625, 1.5625, load=1, slowdown=4.4))
+    _write(tmp_path, speed, [0.997], [0.997])
+    text = report.report(tmp_path)
+    assert "| project default, libgomp's long OpenMP spin (no `GOMP_SPINCOUNT`) |" in text
+    assert ("quiet, the default trains at 0.91x the long spin's speed; beside the busy "
+            "process, at 2.00x (the long spin slows 4.40x under load, the short one 2.00x)"
+            in text)
+
+
 def test_profile_bounds_the_default_by_its_convolution_share(report, tmp_path):
     _write(tmp_path, _speed(3.0), [0.997], [0.997])
     text = report.report(tmp_path)
