@@ -173,6 +173,13 @@ def gpu_section(cuda: dict[str, Any] | None) -> list[str]:
     return [*lines, "", *recipe_section(cuda)] if cuda.get("recipe") else lines
 
 
+def wait_setting(speed: dict[str, Any]) -> str:
+    """'`GOMP_SPINCOUNT=N`, ' as the default row's runs recorded it, else nothing."""
+    waits = {run.get("flags", {}).get("openmp_wait") for r in speed["loaded_rows"]
+             if r["name"] == "default" for run in r["runs"]}
+    return f"`{waits.pop()}`, " if len(waits) == 1 and None not in waits else ""
+
+
 def loaded_section(speed: dict[str, Any]) -> list[str]:
     """The rows again beside competing busy processes, from the same invocation."""
     quiet = {r["name"]: r for r in speed["rows"]}
@@ -185,7 +192,7 @@ def loaded_section(speed: dict[str, Any]) -> list[str]:
         "just before the run and kills just after it), as when another job shares the "
         "machine. Slowdown is the loaded time over the quiet time; the ratio is to the "
         "reference under the same load. The project's rows wait at OpenMP barriers as the "
-        "train stage makes them (`GOMP_SPINCOUNT=1000`, the run's `openmp_wait` tag): with "
+        f"train stage makes them ({wait_setting(speed)}the run's `openmp_wait` tag): with "
         "libgomp's default long spin, a waiting thread holds the core that the thread it "
         "waits for needs.",
         "",
@@ -329,7 +336,9 @@ def bf16_section(bf16: dict[str, Any], speed: dict[str, Any] | None) -> list[str
         verdict.insert(0, f"it trains at {rows['bf16']['ratio']:.2f}x the reference loop "
                        "(the speed table above)")
         offered = offered and rows["bf16"]["ratio"] >= BF16_MIN_SPEEDUP
-    lines += ["", f"On this machine {' and '.join(verdict)}: "
+    # (each table names its own machine: the speed and the seeds may come from different ones)
+    said = " and ".join(verdict)
+    lines += ["", f"{said[0].upper()}{said[1:]}: "
               + ("offered as `recipes/bf16.yaml`." if offered else
                  "not offered as a recipe; `amp` stays `none`. "
                  "`dvc exp run -S train.amp=bf16` tries it.")]

@@ -66,6 +66,14 @@ def test_loaded_rows_show_quiet_and_loaded_times_slowdown_and_loaded_ratio(repor
     text = report.report(tmp_path)
     assert "### Beside a busy process" in text and "beside 1 competing process(es)" in text
     assert "| project default | 24.00 | 48.00 | 2.00x | 3.12x | 90% |" in text
+    assert "as the train stage makes them (the run's `openmp_wait` tag)" in text  # unrecorded
+    for run in _speed(3.0)["loaded_rows"][1]["runs"]:
+        assert "flags" not in run
+    speed = _speed(3.0)
+    speed["loaded_rows"][1]["runs"][0]["flags"] = {"openmp_wait": "GOMP_SPINCOUNT=1000"}
+    _write(tmp_path, speed, [0.997, 0.997], [0.997, 0.997])
+    assert ("as the train stage makes them (`GOMP_SPINCOUNT=1000`, the run's `openmp_wait` "
+            "tag)") in report.report(tmp_path)
     assert "| reference loop (bench/reference.py) | 60.00 | 150.00 | 2.50x | 1.00x | 90% |" in text
     assert "here it trains at 0.80x the default's speed, after 41 s of warm-up steps" in text
 
@@ -128,7 +136,7 @@ def test_bf16_recipe_offered_only_when_fast_and_as_accurate(report, tmp_path, bf
     _write(tmp_path, _speed(bf16_ratio), [0.9972, 0.9970], bf16_acc)
     text = report.report(tmp_path)
     assert "## bf16 autocast" in text and "| best-single:amp=bf16 | 17 | 2 |" in text
-    assert f"it trains at {bf16_ratio:.2f}x the reference loop" in text
+    assert f"\n\nIt trains at {bf16_ratio:.2f}x the reference loop" in text
     assert "The CPU of the speed table has avx512_bf16 and no AMX" in text
     assert ("offered as `recipes/bf16.yaml`" in text) is offered
     assert ("`amp` stays `none`" in text) is not offered
