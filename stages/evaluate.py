@@ -11,12 +11,13 @@ training run in MLflow and tags the registered model version with the results.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 
 from mnist_pipeline.errors import PipelineError, run_stage
 from mnist_pipeline.evaluate_stage import EvaluateOutputs, run_evaluation
-from mnist_pipeline.io import read_json
+from mnist_pipeline.io import check_targets, read_json
 from mnist_pipeline.params import load_params
 from mnist_pipeline.registry import check_run_info
 from mnist_pipeline.runtime import tune_cpu_allocator
@@ -35,12 +36,13 @@ def main(argv: list[str] | None = None) -> None:
     run_info = read_json(args.run_info, keys=("run_id",))
     if not run_info.get("registry_uri"):
         raise PipelineError(f"{args.run_info} names no registered model: was train tracked?")
+    outputs = EvaluateOutputs(args.metrics, args.report, args.confusion, args.misclassified,
+                              args.confusion_png)
+    check_targets(*dataclasses.astuple(outputs))
     uri, _ = resolve_tracking(os.environ, Path.cwd())
     tracker = MlflowTracker(uri, experiment="")
     tracker.check()
     check_run_info(tracker.client(), run_info, uri, str(args.run_info))
-    outputs = EvaluateOutputs(args.metrics, args.report, args.confusion, args.misclassified,
-                              args.confusion_png)
     tune_cpu_allocator()  # faster CPU inference, same numbers
     report = run_evaluation(params, args.raw, run_info, outputs, tracker)
     print(f"{run_info['registry_uri']}: test accuracy {report['test_accuracy']:.4%}, "

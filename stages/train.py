@@ -15,6 +15,7 @@ A run killed at any moment resumes from its last finished epoch when re-run (sam
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
@@ -29,6 +30,7 @@ import torch  # noqa: E402
 
 from mnist_pipeline import distributed  # noqa: E402
 from mnist_pipeline.errors import run_stage  # noqa: E402
+from mnist_pipeline.io import check_targets  # noqa: E402
 from mnist_pipeline.params import load_params  # noqa: E402
 from mnist_pipeline.runtime import select_device  # noqa: E402
 from mnist_pipeline.stats import read_stats  # noqa: E402
@@ -49,6 +51,9 @@ def main(argv: list[str] | None = None) -> None:
 
     params = load_params(args.params, "train")
     stats = read_stats(args.stats)
+    outputs = TrainOutputs(args.weights, args.metrics, args.history, args.run_info,
+                           args.checkpoint, args.curves)
+    check_targets(*dataclasses.astuple(outputs))
     # When a tracking server goes away mid-run, give up on a request in seconds, not minutes:
     # metrics are kept and re-sent (see mnist_pipeline.tracking).
     for name, value in (("MAX_RETRIES", "2"), ("BACKOFF_FACTOR", "1"), ("TIMEOUT", "20")):
@@ -89,8 +94,6 @@ def main(argv: list[str] | None = None) -> None:
             progress.reset()
         print(line, flush=True)
 
-    outputs = TrainOutputs(args.weights, args.metrics, args.history, args.run_info,
-                           args.checkpoint, args.curves)
     # the run is named after the DVC experiment, else after the model and the time
     name = os.environ.get("DVC_EXP_NAME") or (
         f"{params.registered_model}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}")

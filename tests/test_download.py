@@ -176,3 +176,29 @@ def test_a_folder_is_replaced_whole_or_not_at_all(tmp_path):
         (tmp / "new.txt").write_text("new")
     assert [p.name for p in tmp_path.iterdir()] == ["raw"]
     assert [p.name for p in target.iterdir()] == ["new.txt"]
+
+
+@pytest.mark.parametrize("stage, out, fault", [
+    ("compute_stats", "taken", "taken is a folder; expected a file there"),
+    ("compute_stats", "file/stats.json", "cannot make the folder"),
+    ("download", "file", "file is a file; expected a folder there"),
+    ("download", "file/raw", "cannot make the folder"),
+])
+def test_stages_refuse_an_output_path_that_cannot_take_their_output(tmp_path, stage, out, fault):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "file").write_text("kept")
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for split in ("train", "t10k"):
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(encode_idx(IMAGES))
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(encode_idx(LABELS))
+    env = clean_env(MNIST_MIRROR=str(tmp_path / "nowhere"))
+    inputs = ["--raw", str(raw)] if stage == "compute_stats" else []
+    before = sorted(p.name for p in tmp_path.iterdir())
+    done = run([str(Path(env["PATH"].split(":")[0]) / "python"),
+                str(ROOT / "stages" / f"{stage}.py"), *inputs, "--out", str(tmp_path / out)],
+               tmp_path, env, check=False)
+    assert done.returncode == 1 and fault in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written beside
+    assert (tmp_path / "file").read_text() == "kept" and not any((tmp_path / "taken").iterdir())

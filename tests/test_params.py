@@ -246,6 +246,24 @@ def test_stages_refuse_bad_input_files_before_any_work(tmp_path, stage, name, te
     assert sorted(p.name for p in tmp_path.iterdir()) == ([name] if text is not None else [])
 
 
+@pytest.mark.parametrize("stage, given, text, taken", [
+    ("train", "stats.json", '{"mean": 0.1307, "std": 0.3081}', "w"),
+    ("evaluate", "run.json", '{"run_id": "r1", "registry_uri": "models:/m/1"}', "e"),
+])
+def test_stages_refuse_an_output_path_that_is_a_folder_before_any_work(tmp_path, stage, given,
+                                                                        text, taken):
+    """An output file whose path is taken by a folder stops the stage at once (not after
+    training or at the end of the evaluation), with one message naming it."""
+    (tmp_path / given).write_text(text)
+    (tmp_path / taken).mkdir()
+    done = _run_stage(stage, ROOT / "params.yaml", tmp_path, given=given)
+    assert done.returncode == 1 and f"{taken} is a folder; expected a file" in done.stderr, \
+        done.stderr
+    assert "Traceback" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([given, taken])
+    assert not any((tmp_path / taken).iterdir())
+
+
 @pytest.mark.parametrize("section, key, value, fault", [
     ("train", "registered_model", "mnist.cnn", "a name of letters, digits, _ and -"),
     ("train", "registered_model", "team/mnist", "a name of letters, digits, _ and -"),

@@ -33,11 +33,33 @@ def repo_root(env: Mapping[str, str], cwd: str | Path) -> Path:
                 here)
 
 
+def check_target(target: str | Path, folder: bool = False) -> Path:
+    """`target` as a Path, with its parent folder made. A target that cannot take a file (or,
+    with `folder`, a folder) is a PipelineError naming it: an existing entry of the other kind,
+    or a parent folder that cannot be made."""
+    target = Path(target)
+    if target.exists() and target.is_dir() != folder:
+        wanted, found = ("a folder", "a file") if folder else ("a file", "a folder")
+        raise PipelineError(f"{target} is {found}; expected {wanted} there")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PipelineError(f"cannot make the folder {target.parent}: {exc.strerror}") from None
+    return target
+
+
+def check_targets(*targets: str | Path | None) -> None:
+    """check_target for every output file that is asked for (None: not asked for), so that a
+    stage refuses a path it cannot write before any work."""
+    for target in targets:
+        if target is not None:
+            check_target(target)
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `target`; rename it onto `target` if the block succeeds."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = check_target(target)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -87,8 +109,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield an empty temporary directory; it replaces `target` only if the block succeeds.
     The old `target` is renamed aside first and deleted last, so that the moment without
     either is two renames long, not a whole deletion."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = check_target(target, folder=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     old = tmp.with_suffix(".old")
     try:
