@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mnist_pipeline.data import load_split
 from mnist_pipeline.errors import run_stage
-from mnist_pipeline.io import check_target, write_json
+from mnist_pipeline.io import check_targets, write_json
 from mnist_pipeline.stats import compute_stats
 
 
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="statistics JSON to write")
     args = parser.parse_args(argv)
 
-    check_target(args.out)
+    check_targets(args.out)
     train_images, train_labels = load_split(args.raw, "train")
     _, test_labels = load_split(args.raw, "test")
     stats = compute_stats(train_images, train_labels, test_labels)

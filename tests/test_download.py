@@ -22,7 +22,7 @@ from mnist_pipeline.download import (
 )
 from mnist_pipeline.idx import encode_idx
 
-from .conftest import ROOT, clean_env, run
+from .conftest import ROOT, VENV_BIN, clean_env, run
 
 IMAGES = np.arange(3 * 28 * 28, dtype=np.uint64).astype(np.uint8).reshape(3, 28, 28)
 LABELS = np.array([3, 1, 4], np.uint8)
@@ -153,7 +153,7 @@ def test_mirrors_from_env(tmp_path):
 
 def test_stage_reports_unreachable_mirror_in_one_message(tmp_path):
     env = clean_env(MNIST_MIRROR=str(tmp_path / "nowhere"))
-    done = run([str(Path(env["PATH"].split(":")[0]) / "python"), str(ROOT / "stages/download.py"),
+    done = run([str(VENV_BIN / "python"), str(ROOT / "stages/download.py"),
                 "--out", str(tmp_path / "out")], tmp_path, env, check=False)
     assert done.returncode == 1
     assert done.stderr.startswith("error: could not get a verified copy of")
@@ -195,7 +195,7 @@ def test_stages_refuse_an_output_path_that_cannot_take_their_output(tmp_path, st
     env = clean_env(MNIST_MIRROR=str(tmp_path / "nowhere"))
     inputs = ["--raw", str(raw)] if stage == "compute_stats" else []
     before = sorted(p.name for p in tmp_path.iterdir())
-    done = run([str(Path(env["PATH"].split(":")[0]) / "python"),
+    done = run([str(VENV_BIN / "python"),
                 str(ROOT / "stages" / f"{stage}.py"), *inputs, "--out", str(tmp_path / out)],
                tmp_path, env, check=False)
     assert done.returncode == 1 and fault in done.stderr, done.stderr
